@@ -1,0 +1,178 @@
+"""The diffusion process (Ho et al. 2020, "Denoising Diffusion Probabilistic Models") and its samplers.
+
+`python ddpm.py` trains the unconditional UNet (see train.py and `python ddpm.py --help`).
+
+Notation: index t in 0..noise_steps-1, beta[t] linear, alpha = 1 - beta, alpha_hat = cumprod(alpha).
+The network predicts the noise eps in x_t = sqrt(alpha_hat[t]) x_0 + sqrt(1 - alpha_hat[t]) eps.
+All samplers walk from t = noise_steps-1 down and land on the alpha_hat[0] level, as the original's
+DDPM loop (999..1) does.
+"""
+import logging
+
+import torch
+from tqdm import tqdm
+
+SAMPLERS = ("ddpm", "ddim", "dpm++")
+
+
+def default_device():
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def unwrap(model):
+    """The plain network behind DDP (`.module`) and torch.compile (`._orig_mod`) wrappers."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or model._orig_mod
+    return model
+
+
+def _at(schedule, t, x):
+    """schedule[t] shaped to broadcast against the batch x."""
+    return schedule.to(x.device)[t.to(x.device)].view(-1, *([1] * (x.dim() - 1)))
+
+
+class Diffusion:
+    def __init__(self, noise_steps=1000, beta_start=1e-4, beta_end=0.02, img_size=256, device=None):
+        self.noise_steps = noise_steps
+        self.beta_start = beta_start
+        self.beta_end = beta_end
+        self.img_size = img_size
+        self.device = torch.device(device) if device is not None else default_device()
+
+        self.beta = self.prepare_noise_schedule().to(self.device)
+        self.alpha = 1.0 - self.beta
+        self.alpha_hat = torch.cumprod(self.alpha, dim=0)
+
+    @property
+    def image_hw(self):
+        s = self.img_size
+        return (s, s) if isinstance(s, int) else tuple(s)
+
+    def prepare_noise_schedule(self):
+        return torch.linspace(self.beta_start, self.beta_end, self.noise_steps)
+
+    def noise_images(self, x, t, noise=None):
+        """Sample x_t ~ q(x_t | x_0) in closed form; returns (x_t, the noise used)."""
+        eps = torch.randn_like(x) if noise is None else noise
+        a = _at(self.alpha_hat, t, x)
+        return a.sqrt() * x + (1 - a).sqrt() * eps, eps
+
+    def sample_timesteps(self, n, generator=None):
+        """n training timesteps, uniform in [1, noise_steps-1] as the original."""
+        return torch.randint(1, self.noise_steps, (n,), generator=generator).to(self.device)
+
+    def timesteps(self, steps=None):
+        """`steps` timesteps from noise_steps-1 down to 1, evenly spaced; all 999 for DDPM's default."""
+        steps = self.noise_steps - 1 if steps is None else steps
+        if not 1 <= steps <= self.noise_steps - 1:
+            raise ValueError(f"steps must lie in 1..{self.noise_steps - 1}, got {steps}")
+        return torch.linspace(self.noise_steps - 1, 1, steps).round().long().tolist()
+
+    # ---- the network's noise prediction, with classifier-free guidance ---------------------------------
+
+    def predict_noise(self, model, x, t, labels=None, cfg_scale=3, batched_cfg=True):
+        """eps(x_t). With labels and cfg_scale > 0: torch.lerp(uncond, cond, cfg_scale) as the original,
+        both predictions from one pass over a doubled batch (label -1 = unconditional) unless batched_cfg
+        is False, which runs the original's two passes."""
+        if labels is None:
+            return model(x, t)
+        if cfg_scale <= 0:
+            return model(x, t, labels)
+        if not batched_cfg:
+            return torch.lerp(model(x, t, None), model(x, t, labels), cfg_scale)
+        cond, uncond = model(torch.cat([x, x]), torch.cat([t, t]),
+                             torch.cat([labels, torch.full_like(labels, -1)])).chunk(2)
+        return torch.lerp(uncond, cond, cfg_scale)
+
+    # ---- one reverse step of each sampler --------------------------------------------------------------
+
+    def ddpm_step(self, x, t, eps, noise):
+        """Algorithm 2 of Ho et al.: variance beta_t, as the original; pass noise=None at the last step."""
+        alpha, alpha_hat, beta = _at(self.alpha, t, x), _at(self.alpha_hat, t, x), _at(self.beta, t, x)
+        mean = (x - (1 - alpha) / (1 - alpha_hat).sqrt() * eps) / alpha.sqrt()
+        return mean if noise is None else mean + beta.sqrt() * noise
+
+    def ddim_step(self, x, t, t_prev, eps, eta, noise):
+        """Song et al. 2021, eq. 12: eta=0 deterministic, eta=1 the DDPM posterior variance."""
+        a, a_prev = _at(self.alpha_hat, t, x), _at(self.alpha_hat, t_prev, x)
+        x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
+        sigma = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)).sqrt()
+        x = a_prev.sqrt() * x0 + (1 - a_prev - sigma**2).clamp(min=0).sqrt() * eps
+        return x if noise is None else x + sigma * noise
+
+    def dpm_solver_step(self, x, t, t_prev, eps, x0_last, h_last, first_order):
+        """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2) in data prediction. Returns (x, x0, h)."""
+        a, a_prev = _at(self.alpha_hat, t, x), _at(self.alpha_hat, t_prev, x)
+        lam, lam_prev = 0.5 * (a / (1 - a)).log(), 0.5 * (a_prev / (1 - a_prev)).log()  # log(alpha/sigma)
+        h = lam_prev - lam
+        x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
+        d = x0
+        if x0_last is not None and not first_order:
+            r = h_last / h
+            d = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * x0_last
+        x = ((1 - a_prev) / (1 - a)).sqrt() * x - a_prev.sqrt() * torch.expm1(-h) * d
+        return x, x0, h
+
+    # ---- sampling ------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def sample(self, model, n, labels=None, cfg_scale=3, sampler="ddpm", steps=None, eta=1.0,
+               generator=None, noise=None, batched_cfg=True, progress=True):
+        """n images as uint8 (n, C, H, W). The default is the original's: 999 DDPM ancestral steps.
+
+        sampler: "ddpm" (steps defaults to 999), "ddim" (with eta), or "dpm++" (DPM-Solver++(2M), no
+        noise injected). generator: a CPU torch.Generator that makes the result repeatable on any device.
+        noise: the starting x_T, overriding generator for it."""
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}")
+        net = unwrap(model)
+        device = next(net.parameters()).device
+        shape = (n, getattr(net, "c_in", 3), *self.image_hw)
+
+        def randn():
+            return torch.randn(shape, generator=generator).to(device) if generator is not None \
+                else torch.randn(shape, device=device)
+
+        logging.info(f"Sampling {n} new images with {sampler}....")
+        was_training = model.training
+        model.eval()
+        x = randn() if noise is None else noise.to(device)
+        if labels is not None:
+            labels = torch.as_tensor(labels, device=device).long()
+        if steps is None and sampler != "ddpm":
+            steps = 50
+        ts = self.timesteps(steps)
+        if sampler == "ddpm" and len(ts) != self.noise_steps - 1:
+            raise ValueError("the ddpm sampler walks every step: use ddim or dpm++ for fewer steps")
+        x0_last = h_last = None
+        for i, t_now in enumerate(tqdm(ts, desc=sampler, disable=not progress, leave=False)):
+            last = i == len(ts) - 1
+            t_prev = ts[i + 1] if not last else 0
+            t = torch.full((n,), t_now, device=device, dtype=torch.long)
+            eps = self.predict_noise(model, x, t, labels, cfg_scale, batched_cfg).float()
+            if sampler == "ddpm":
+                x = self.ddpm_step(x, t, eps, None if last else randn())
+            elif sampler == "ddim":
+                tp = torch.full_like(t, t_prev)
+                x = self.ddim_step(x, t, tp, eps, eta, None if last or eta == 0 else randn())
+            else:
+                tp = torch.full_like(t, t_prev)
+                first = x0_last is None or (last and len(ts) < 15)  # lower-order final step, as in the paper
+                x, x0_last, h_last = self.dpm_solver_step(x, t, tp, eps, x0_last, h_last, first)
+        model.train(was_training)
+        return to_uint8(x)
+
+
+def to_uint8(x):
+    """[-1, 1] floats to uint8 [0, 255], truncating as the original."""
+    return ((x.clamp(-1, 1) + 1) / 2 * 255).type(torch.uint8)
+
+
+if __name__ == "__main__":
+    import train
+
+    train.main(conditional=False)

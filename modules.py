@@ -1,0 +1,234 @@
+"""The networks: the original's UNet and UNet_conditional, their blocks, and EMA.
+
+State-dict keys and shapes are exactly the original's (see tests/reference/), so its published checkpoints
+load with strict=True. What changed is how they compute, never what they compute:
+  * any image size whose sides are multiples of 8, square or not (the original hard-coded 64x64 in attention);
+  * the device comes from the inputs (the original's device="cuda" default crashed on CPU machines);
+  * attention runs through F.scaled_dot_product_attention on nn.MultiheadAttention's own parameters;
+  * time and label embeddings broadcast instead of being materialised with .repeat;
+  * base_width scales every channel count (64 is the original).
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class EMA:
+    """Exponential moving average of a model's parameters, as the original: a hard copy for the first
+    `step_start_ema` steps, then ema = beta * ema + (1 - beta) * model after each step."""
+
+    def __init__(self, beta, step_start_ema=2000):
+        self.beta = beta
+        self.step = 0
+        self.step_start_ema = step_start_ema
+
+    def update_model_average(self, ma_model, current_model):
+        ema_params = [p.detach() for p in ma_model.parameters()]
+        params = [p.detach() for p in current_model.parameters()]
+        torch._foreach_lerp_(ema_params, params, 1.0 - self.beta)  # one fused kernel, not one per tensor
+
+    def update_average(self, old, new):
+        if old is None:
+            return new
+        return old * self.beta + (1 - self.beta) * new
+
+    def step_ema(self, ema_model, model, step_start_ema=None):
+        start = self.step_start_ema if step_start_ema is None else step_start_ema
+        if self.step < start:
+            self.reset_parameters(ema_model, model)
+        else:
+            self.update_model_average(ema_model, model)
+        self.step += 1
+
+    def reset_parameters(self, ema_model, model):
+        ema_model.load_state_dict(model.state_dict())
+
+    # The step counter decides when averaging starts, so resuming needs it.
+    def state_dict(self):
+        return {"beta": self.beta, "step": self.step, "step_start_ema": self.step_start_ema}
+
+    def load_state_dict(self, state):
+        self.beta, self.step, self.step_start_ema = state["beta"], state["step"], state["step_start_ema"]
+
+
+class SelfAttention(nn.Module):
+    """Pre-norm multi-head self-attention over the pixels, then a pre-norm MLP, both residual.
+
+    `size` is kept for the original's signature; the spatial size is read from the input. `original_math`
+    switches to the original's call of nn.MultiheadAttention (same parameters, same function, materialises
+    the full attention matrix): the faithful path for benchmarks and tests."""
+
+    def __init__(self, channels, size=None, heads=4):
+        super().__init__()
+        self.channels = channels
+        self.size = size
+        self.heads = heads
+        self.original_math = False
+        self.mha = nn.MultiheadAttention(channels, heads, batch_first=True)
+        self.ln = nn.LayerNorm([channels])
+        self.ff_self = nn.Sequential(
+            nn.LayerNorm([channels]),
+            nn.Linear(channels, channels),
+            nn.GELU(),
+            nn.Linear(channels, channels),
+        )
+
+    def attention(self, x):
+        if self.original_math:
+            return self.mha(x, x, x)[0]
+        b, n, c = x.shape
+        q, k, v = F.linear(x, self.mha.in_proj_weight, self.mha.in_proj_bias).chunk(3, dim=-1)
+        q, k, v = (z.view(b, n, self.heads, c // self.heads).transpose(1, 2) for z in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c)
+        return self.mha.out_proj(out)
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        x = x.flatten(2).transpose(1, 2)  # (b, h*w, c)
+        x = self.attention(self.ln(x)) + x
+        x = self.ff_self(x) + x
+        return x.transpose(1, 2).reshape(b, c, h, w)
+
+
+class DoubleConv(nn.Module):
+    def __init__(self, in_channels, out_channels, mid_channels=None, residual=False):
+        super().__init__()
+        self.residual = residual
+        if not mid_channels:
+            mid_channels = out_channels
+        self.double_conv = nn.Sequential(
+            nn.Conv2d(in_channels, mid_channels, kernel_size=3, padding=1, bias=False),
+            nn.GroupNorm(1, mid_channels),
+            nn.GELU(),
+            nn.Conv2d(mid_channels, out_channels, kernel_size=3, padding=1, bias=False),
+            nn.GroupNorm(1, out_channels),
+        )
+
+    def forward(self, x):
+        if self.residual:
+            return F.gelu(x + self.double_conv(x))
+        return self.double_conv(x)
+
+
+class Down(nn.Module):
+    def __init__(self, in_channels, out_channels, emb_dim=256):
+        super().__init__()
+        self.maxpool_conv = nn.Sequential(
+            nn.MaxPool2d(2),
+            DoubleConv(in_channels, in_channels, residual=True),
+            DoubleConv(in_channels, out_channels),
+        )
+        self.emb_layer = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, out_channels))
+
+    def forward(self, x, t):
+        x = self.maxpool_conv(x)
+        return x + self.emb_layer(t)[:, :, None, None]
+
+
+class Up(nn.Module):
+    def __init__(self, in_channels, out_channels, emb_dim=256):
+        super().__init__()
+        self.up = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True)
+        self.conv = nn.Sequential(
+            DoubleConv(in_channels, in_channels, residual=True),
+            DoubleConv(in_channels, out_channels, in_channels // 2),
+        )
+        self.emb_layer = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, out_channels))
+
+    def forward(self, x, skip_x, t):
+        x = self.up(x)
+        x = torch.cat([skip_x, x], dim=1)
+        x = self.conv(x)
+        return x + self.emb_layer(t)[:, :, None, None]
+
+
+class UNet(nn.Module):
+    """The original's UNet. Input sides must be multiples of 8 (three 2x poolings)."""
+
+    def __init__(self, c_in=3, c_out=3, time_dim=256, device=None, base_width=64):
+        super().__init__()
+        del device  # accepted for old scripts; the device now comes from the inputs
+        w = base_width
+        self.c_in, self.c_out, self.time_dim, self.base_width = c_in, c_out, time_dim, base_width
+        self.inc = DoubleConv(c_in, w)
+        self.down1 = Down(w, 2 * w, time_dim)
+        self.sa1 = SelfAttention(2 * w, 32)
+        self.down2 = Down(2 * w, 4 * w, time_dim)
+        self.sa2 = SelfAttention(4 * w, 16)
+        self.down3 = Down(4 * w, 4 * w, time_dim)
+        self.sa3 = SelfAttention(4 * w, 8)
+
+        self.bot1 = DoubleConv(4 * w, 8 * w)
+        self.bot2 = DoubleConv(8 * w, 8 * w)
+        self.bot3 = DoubleConv(8 * w, 4 * w)
+
+        self.up1 = Up(8 * w, 2 * w, time_dim)
+        self.sa4 = SelfAttention(2 * w, 16)
+        self.up2 = Up(4 * w, w, time_dim)
+        self.sa5 = SelfAttention(w, 32)
+        self.up3 = Up(2 * w, w, time_dim)
+        self.sa6 = SelfAttention(w, 64)
+        self.outc = nn.Conv2d(w, c_out, kernel_size=1)
+
+    def pos_encoding(self, t, channels):
+        inv_freq = 1.0 / (10000 ** (torch.arange(0, channels, 2, device=t.device).float() / channels))
+        return torch.cat([torch.sin(t * inv_freq), torch.cos(t * inv_freq)], dim=-1)
+
+    def check_input(self, x):
+        if x.dim() != 4 or x.shape[1] != self.c_in or x.shape[-2] % 8 or x.shape[-1] % 8:
+            raise ValueError(
+                f"{type(self).__name__} expects images (N, {self.c_in}, H, W) with H and W multiples of 8, "
+                f"got {tuple(x.shape)}: resize the images or build the network with c_in={x.shape[1]}"
+                if x.dim() == 4 else f"{type(self).__name__} expects a 4-D batch (N, C, H, W), got {tuple(x.shape)}")
+
+    def embed_time(self, t):
+        return self.pos_encoding(t.unsqueeze(-1).float(), self.time_dim)
+
+    def unet_forward(self, x, t):
+        x1 = self.inc(x)
+        x2 = self.sa1(self.down1(x1, t))
+        x3 = self.sa2(self.down2(x2, t))
+        x4 = self.sa3(self.down3(x3, t))
+
+        x4 = self.bot3(self.bot2(self.bot1(x4)))
+
+        x = self.sa4(self.up1(x4, x3, t))
+        x = self.sa5(self.up2(x, x2, t))
+        x = self.sa6(self.up3(x, x1, t))
+        return self.outc(x)
+
+    def forward(self, x, t):
+        self.check_input(x)
+        return self.unet_forward(x, self.embed_time(t))
+
+
+class UNet_conditional(UNet):
+    """The original's class-conditional UNet: a label embedding added to the time embedding.
+
+    `y` is None (no label for the whole batch, as the original) or a LongTensor in which -1 marks a sample
+    without label. Per-sample -1 is what lets classifier-free guidance run the conditional and the
+    unconditional prediction in one batched pass, and label dropout act per sample."""
+
+    def __init__(self, c_in=3, c_out=3, time_dim=256, num_classes=None, device=None, base_width=64):
+        super().__init__(c_in, c_out, time_dim, device, base_width)
+        self.num_classes = num_classes
+        if num_classes is not None:
+            self.label_emb = nn.Embedding(num_classes, time_dim)
+
+    def forward(self, x, t, y=None):
+        self.check_input(x)
+        t = self.embed_time(t)
+        if y is not None:
+            if self.num_classes is None:
+                raise ValueError("this UNet_conditional was built with num_classes=None and takes no labels")
+            keep = (y >= 0).unsqueeze(-1).to(t.dtype)
+            t = t + self.label_emb(y.clamp(min=0)) * keep
+        return self.unet_forward(x, t)
+
+
+def set_original_attention(model, enabled=True):
+    """Switch every SelfAttention of `model` to (or back from) the original's nn.MultiheadAttention call."""
+    for m in model.modules():
+        if isinstance(m, SelfAttention):
+            m.original_math = enabled
+    return model

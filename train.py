@@ -1,0 +1,417 @@
+"""The training loop behind `python ddpm.py` (unconditional) and `python ddpm_conditional.py` (conditional).
+
+One step, top to bottom: draw t, noise the images in closed form, predict the noise, MSE, AdamW, EMA.
+Around it: presets, resume, atomic checkpoints, Ctrl-C/SIGTERM handling, and DDP under torchrun.
+"""
+import argparse
+import copy
+import os
+import random
+import signal
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from ddpm import SAMPLERS, Diffusion, unwrap
+from modules import EMA, UNet, UNet_conditional
+from utils import (UserError, atomic_save, cpu_state_dict, get_data, load_checkpoint, load_weights,
+                   prepare_mnist, save_images, setup_logging)
+
+# Settings a preset fills in where the command line is silent. "default" finishes on a 2-core CPU in
+# about 10 minutes on the bundled MNIST digits (see README); "original" is the original repo's setup.
+PRESETS = {
+    "default": dict(image_size=16, channels=1, base_width=16, batch_size=64, lr=2e-3, epochs=20,
+                    sample_interval=10, sampler="ddim", sample_steps=50, eta=1.0, ema_start=500,
+                    label_dropout_mode="sample", n_samples=64),
+    "original": dict(image_size=64, channels=3, base_width=64, batch_size=12, lr=3e-4, epochs=500,
+                     sample_interval=1, sampler="ddpm", sample_steps=999, eta=1.0, ema_start=2000,
+                     label_dropout_mode="batch", n_samples=12),
+}
+CONDITIONAL = {"default": dict(n_samples=80), "original": dict(batch_size=14, epochs=300, sample_interval=10,
+                                                                n_samples=10)}
+COMMON = dict(seed=None, num_classes=10, noise_steps=1000, cfg_scale=3.0, ema_beta=0.995, label_dropout=0.1,
+              num_workers=None, device="auto", compile=False, amp=True, dataset_path=None, ema=None)
+# What fixes the network and data: a resumed run keeps its own and refuses a different one.
+RUN_DEFINING = ("image_size", "channels", "base_width", "num_classes", "noise_steps")
+
+
+def parse_args(conditional, argv=None):
+    p = argparse.ArgumentParser(
+        description=f"Train a {'class-conditional' if conditional else 'unconditional'} DDPM. With no "
+                    "arguments: the bundled MNIST digits, a small network, about 10 minutes on a laptop CPU.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter, argument_default=None)
+
+    def opt(name, **kw):  # --dash-names, with the --underscore_names of the original's attributes as aliases
+        alias = "--" + name[2:].replace("-", "_")
+        p.add_argument(*dict.fromkeys([name, alias]), **kw)
+
+    opt("--preset", choices=sorted(PRESETS), default="default", help="settings for what you leave unset")
+    opt("--run-name", help="outputs go to runs/, results/, models/ under this name")
+    opt("--dataset-path", help="an ImageFolder (one subfolder per class) or a flat folder of images; "
+                               "default: the bundled MNIST digits, written to data/mnist")
+    opt("--epochs", type=int, help="total epochs; --resume continues up to it")
+    opt("--batch-size", type=int, help="images per step per process")
+    opt("--image-size", type=int, help="side in pixels, a multiple of 8")
+    opt("--channels", type=int, choices=(1, 3), help="1 grayscale, 3 RGB")
+    opt("--base-width", type=int, help="channels of the first level (64 = the original network)")
+    opt("--lr", type=float, help="AdamW learning rate")
+    opt("--device", help="auto, cpu, cuda, cuda:N or mps")
+    opt("--seed", type=int, help="makes a CPU run repeatable")
+    opt("--num-workers", type=int, help="DataLoader workers (default: 0 on CPU, 4 on GPU)")
+    opt("--noise-steps", type=int, help="diffusion steps T")
+    opt("--sample-interval", type=int, help="save a sample grid every N epochs (and after the last)")
+    opt("--n-samples", type=int, help="images per sample grid")
+    opt("--sampler", choices=SAMPLERS, help="sampler for the grids")
+    opt("--sample-steps", type=int, help="network evaluations per grid image (ddpm: 999)")
+    opt("--eta", type=float, help="DDIM noise: 0 deterministic, 1 DDPM-like")
+    opt("--ema-beta", type=float, help="EMA decay")
+    opt("--ema-start", type=int, help="steps of hard copy before the EMA starts averaging")
+    opt("--resume", action="store_true", help="continue the run named --run-name from its last save")
+    opt("--overwrite", action="store_true", help="replace an existing run of the same name")
+    opt("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the network")
+    opt("--amp", action=argparse.BooleanOptionalAction, help="bf16/fp16 autocast on CUDA (ignored on CPU)")
+    if conditional:
+        opt("--num-classes", type=int, help="label embedding size; at least the dataset's class count")
+        opt("--cfg-scale", type=float, help="classifier-free guidance scale for the grids")
+        opt("--label-dropout", type=float, help="share of labels dropped for CFG training")
+        opt("--label-dropout-mode", choices=("sample", "batch"),
+            help="drop labels per sample, or whole batches as the original")
+    else:
+        opt("--ema", action=argparse.BooleanOptionalAction, help="also keep an EMA model (ema_ckpt.pt)")
+    args = p.parse_args(argv)
+    args.conditional = conditional
+    return args
+
+
+def resolve_args(args):
+    """Fill what the command line left unset: saved run (when resuming), then preset, then common."""
+    explicit = {k: v for k, v in vars(args).items() if v is not None}
+    settings = dict(COMMON, **PRESETS[args.preset])
+    if args.conditional:
+        settings.update(CONDITIONAL[args.preset])
+    settings["run_name"] = ("DDPM_conditional" if args.conditional else "DDPM_Unconditional") + \
+        ("" if args.preset == "original" else "_mnist")
+    settings["ema"] = args.conditional or settings["ema"] or False
+    run_name = explicit.get("run_name", settings["run_name"])
+    saved = None
+    if explicit.get("resume"):
+        path = os.path.join("models", run_name, "state.pt")
+        if not os.path.isfile(path):
+            raise UserError(f"--resume: nothing to resume in models/{run_name} (no state.pt); "
+                            "drop --resume to start this run, or check --run-name")
+        saved = load_checkpoint(path)
+        for k in RUN_DEFINING:
+            if k in explicit and explicit[k] != saved["args"][k]:
+                raise UserError(f"--resume: run {run_name} was trained with --{k.replace('_', '-')} "
+                                f"{saved['args'][k]}, not {explicit[k]}: drop the option or start a new run")
+        settings.update(saved["args"])
+    settings.update(explicit)
+    out = argparse.Namespace(**settings)
+    validate(out)
+    return out, saved
+
+
+def validate(a):
+    for name in ("epochs", "batch_size", "image_size", "base_width", "n_samples", "sample_interval",
+                 "sample_steps", "noise_steps"):
+        if getattr(a, name) <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(a, name)}")
+    if a.lr <= 0:
+        raise UserError(f"--lr must be positive, got {a.lr}")
+    if a.image_size % 8:
+        raise UserError(f"--image-size {a.image_size} is not a multiple of 8 (the UNet halves it three "
+                        f"times): try {max(8, a.image_size // 8 * 8)}")
+    if a.num_classes <= 0:
+        raise UserError(f"--num-classes must be positive, got {a.num_classes}")
+    if not 0 <= a.label_dropout <= 1:
+        raise UserError(f"--label-dropout must lie in [0, 1], got {a.label_dropout}")
+    if a.sampler == "ddpm":
+        a.sample_steps = a.noise_steps - 1
+    elif a.sample_steps > a.noise_steps - 1:
+        raise UserError(f"--sample-steps must be at most {a.noise_steps - 1}, got {a.sample_steps}")
+
+
+def pick_device(name):
+    if name in (None, "auto"):
+        from ddpm import default_device
+
+        return default_device()
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name}: unknown device; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--device {name}: MPS is not available on this machine; use --device cpu")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"--device {name}: unsupported; use auto, cpu, cuda, cuda:N or mps")
+    return device
+
+
+def make_model(a):
+    if a.conditional:
+        return UNet_conditional(c_in=a.channels, c_out=a.channels, num_classes=a.num_classes,
+                                base_width=a.base_width)
+    return UNet(c_in=a.channels, c_out=a.channels, base_width=a.base_width)
+
+
+def rng_state():
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(s):
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+class StopFlag:
+    """Ctrl-C / SIGTERM ask the loop to finish its step, save and exit; a second Ctrl-C aborts at once."""
+
+    def __init__(self):
+        self.signum = 0
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, self.handle)
+
+    def handle(self, signum, frame):
+        if self.signum and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name}: finishing this step, then saving (Ctrl-C again to abort)",
+              file=sys.stderr)
+
+    def requested(self, device):
+        if not (dist.is_available() and dist.is_initialized()):
+            return bool(self.signum)
+        flag = torch.tensor([self.signum], device=device)  # every rank must stop at the same step
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def setup_distributed(a):
+    """Under torchrun (WORLD_SIZE set): one process per device, NCCL on GPUs and gloo on CPUs."""
+    if int(os.environ.get("WORLD_SIZE", 1)) <= 1:
+        return 0, 1, pick_device(a.device)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0))
+    device = pick_device(a.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, dist.get_world_size(), device
+
+
+def prepare_run_dir(a, saved, rank):
+    """Refuse to overwrite another run's checkpoints unless asked to."""
+    ckpts = [f for f in ("ckpt.pt", "ema_ckpt.pt", "optim.pt", "state.pt")
+             if os.path.exists(os.path.join("models", a.run_name, f))]
+    if ckpts and saved is None:
+        if not a.overwrite:
+            raise UserError(f"models/{a.run_name} already holds a run ({', '.join(ckpts)}): pass --resume to "
+                            "continue it, --overwrite to replace it, or choose another --run-name")
+        if rank == 0:  # a new run must never be resumed from the old one's files
+            for f in ckpts:
+                os.remove(os.path.join("models", a.run_name, f))
+    if rank == 0:
+        try:
+            setup_logging(a.run_name)
+            for top in ("models", "results", "runs"):
+                probe = os.path.join(top, a.run_name, ".write_test")
+                open(probe, "w").close()
+                os.remove(probe)
+        except OSError as e:
+            raise UserError(f"cannot write the run's outputs under {os.getcwd()} ({e.strerror}): run from a "
+                            "writable folder") from None
+
+
+def sample_grid(a, diffusion, model, device):
+    """A grid with the same starting noise every time, so grids across epochs compare; the global RNG is
+    left untouched so that resumed runs stay bit-identical."""
+    g = torch.Generator().manual_seed(0 if a.seed is None else a.seed)
+    labels = torch.arange(a.n_samples) % a.num_classes if a.conditional else None
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=a.amp and device.type == "cuda"):
+        return diffusion.sample(model, a.n_samples, labels, cfg_scale=a.cfg_scale, sampler=a.sampler,
+                                steps=a.sample_steps, eta=a.eta, generator=g)
+
+
+def save_run(a, model, ema_model, ema, optimizer, scaler, epoch, step_in_epoch, global_step):
+    """ckpt.pt, ema_ckpt.pt and optim.pt are plain state_dicts as in the original; state.pt holds the rest
+    that resuming needs. Each file is replaced atomically; state.pt goes last."""
+    for p in unwrap(model).parameters():
+        if not torch.isfinite(p).all():
+            raise UserError("the weights became non-finite; nothing was saved over the last good checkpoint: "
+                            "lower --lr, or resume from the last save with --resume")
+    d = os.path.join("models", a.run_name)
+    atomic_save(cpu_state_dict(model), os.path.join(d, "ckpt.pt"))
+    if ema_model is not None:
+        atomic_save(cpu_state_dict(ema_model), os.path.join(d, "ema_ckpt.pt"))
+    atomic_save(optimizer.state_dict(), os.path.join(d, "optim.pt"))
+    atomic_save({"epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
+                 "ema": ema.state_dict() if ema else None, "scaler": scaler.state_dict(),
+                 "rng": rng_state(), "args": {k: v for k, v in vars(a).items()
+                                              if k not in ("resume", "overwrite")}},
+                os.path.join(d, "state.pt"))
+
+
+def train(a, saved=None):
+    rank, world, device = setup_distributed(a)
+    if a.dataset_path is None:
+        a.dataset_path = prepare_mnist() if rank == 0 else "data/mnist"
+        if world > 1:
+            dist.barrier()
+    prepare_run_dir(a, saved, rank)
+    if a.seed is not None:
+        seed = a.seed + rank  # each rank draws its own noise, timesteps and label dropout
+        random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
+    if getattr(a, "data_seed", None) is None:  # the data order's seed, shared by all ranks and kept on resume
+        box = [random.SystemRandom().randrange(2**31) if a.seed is None else a.seed]
+        if world > 1:
+            dist.broadcast_object_list(box, src=0)
+        a.data_seed = box[0]
+    if a.num_workers is None:
+        a.num_workers = 4 if device.type == "cuda" else 0
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+
+    dataloader = get_data(a)
+    if a.conditional and len(dataloader.dataset.classes) > a.num_classes:
+        raise UserError(f"--dataset-path {a.dataset_path} has {len(dataloader.dataset.classes)} classes but "
+                        f"--num-classes is {a.num_classes}: raise --num-classes")
+    model = make_model(a).to(device)
+    if cuda:
+        model = model.to(memory_format=torch.channels_last)
+    ema_model = copy.deepcopy(model).eval().requires_grad_(False) if a.ema else None
+    ema = EMA(a.ema_beta, a.ema_start) if a.ema else None
+    optimizer = torch.optim.AdamW(model.parameters(), lr=a.lr, fused=cuda or None)
+    amp_dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=cuda and a.amp and amp_dtype == torch.float16)
+    diffusion = Diffusion(a.noise_steps, img_size=a.image_size, device=device)
+
+    start_epoch, skip, global_step = 0, 0, 0
+    if saved is not None:
+        d = os.path.join("models", a.run_name)
+        load_weights(model, load_checkpoint(os.path.join(d, "ckpt.pt")), f"models/{a.run_name}/ckpt.pt")
+        if ema_model is not None:
+            load_weights(ema_model, load_checkpoint(os.path.join(d, "ema_ckpt.pt")), "ema_ckpt.pt")
+            ema.load_state_dict(saved["ema"])
+        optimizer.load_state_dict(load_checkpoint(os.path.join(d, "optim.pt")))
+        scaler.load_state_dict(saved["scaler"])
+        start_epoch, skip, global_step = saved["epoch"], saved["step_in_epoch"], saved["global_step"]
+        if saved["rng"] is not None and world == 1:
+            set_rng_state(saved["rng"])
+        if start_epoch >= a.epochs:
+            print(f"run {a.run_name} already trained {start_epoch} epochs: raise --epochs to train more")
+            return model
+
+    net = model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
+    if a.compile:
+        net = torch.compile(net)
+    logger = SummaryWriter(os.path.join("runs", a.run_name)) if rank == 0 else None
+    if rank == 0:
+        print(f"run {a.run_name}: {len(dataloader.dataset)} images from {a.dataset_path}, {device}, "
+              f"{world} process(es) x batch {a.batch_size}; outputs in runs/, results/, models/{a.run_name}/")
+    stop = StopFlag()
+    steps_per_epoch = len(dataloader)
+
+    for epoch in range(start_epoch, a.epochs):
+        # the order depends on (seed, epoch) alone; a run stopped mid-epoch resumes at its next batch
+        dataloader.sampler.set_epoch(epoch, skip=skip * a.batch_size)
+        pbar = tqdm(dataloader, desc=f"epoch {epoch}", disable=rank != 0, initial=skip, total=steps_per_epoch)
+        i = skip
+        for i, (images, labels) in enumerate(pbar, start=skip + 1):
+            images = images.to(device, non_blocking=True)
+            if cuda:
+                images = images.contiguous(memory_format=torch.channels_last)
+            t = diffusion.sample_timesteps(images.shape[0])
+            x_t, noise = diffusion.noise_images(images, t)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=cuda and a.amp):
+                if a.conditional:
+                    labels = drop_labels(labels.to(device, non_blocking=True), a)
+                    predicted_noise = net(x_t, t, labels)
+                else:
+                    predicted_noise = net(x_t, t)
+            loss = F.mse_loss(predicted_noise.float(), noise)
+
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            if ema is not None:
+                ema.step_ema(ema_model, model)
+            global_step += 1
+
+            if not cuda or global_step % 25 == 0:  # .item() syncs a GPU: only now and then there
+                value = loss.detach()
+                if world > 1:
+                    dist.all_reduce(value, op=dist.ReduceOp.AVG)
+                value = value.item()
+                if not np.isfinite(value):
+                    raise UserError(f"the loss became {value} at step {global_step}; the last good checkpoint "
+                                    "was kept: lower --lr, or resume with --resume")
+                if rank == 0:
+                    pbar.set_postfix(MSE=f"{value:.4f}")
+                    logger.add_scalar("MSE", value, global_step=global_step)
+            if stop.requested(device):
+                break
+        skip = 0
+        finished_epoch = i == steps_per_epoch
+        last = epoch == a.epochs - 1
+        if rank == 0:
+            if finished_epoch and (epoch % a.sample_interval == 0 or last):
+                grids = [("", model)] + ([("_ema", ema_model)] if ema_model is not None else [])
+                for suffix, m in grids:
+                    images = sample_grid(a, diffusion, m, device)
+                    nrow = a.num_classes if a.conditional and a.n_samples > a.num_classes else 8
+                    save_images(images, os.path.join("results", a.run_name, f"{epoch}{suffix}.jpg"), nrow=nrow)
+                    logger.add_images(f"samples{suffix}", images, global_step)
+            save_run(a, model, ema_model, ema, optimizer, scaler,
+                     epoch + 1 if finished_epoch else epoch, 0 if finished_epoch else i, global_step)
+        if world > 1:
+            dist.barrier()
+        if not finished_epoch:
+            if rank == 0:
+                cmd = "ddpm_conditional.py" if a.conditional else "ddpm.py"
+                print(f"saved models/{a.run_name} at epoch {epoch}, step {i}/{steps_per_epoch}. Resume with: "
+                      f"python {cmd} --run-name {a.run_name} --resume", file=sys.stderr)
+            if logger:
+                logger.close()
+            sys.exit(128 + stop.signum)
+    if logger:
+        logger.close()
+        print(f"done: models/{a.run_name}/ckpt.pt, grids in results/{a.run_name}/")
+    return model
+
+
+def drop_labels(labels, a):
+    """Classifier-free guidance training: a label of -1 means "no label"."""
+    if a.label_dropout_mode == "batch":  # the original: the whole batch, 10% of the time
+        return None if torch.rand(()) < a.label_dropout else labels
+    return torch.where(torch.rand(labels.shape, device=labels.device) < a.label_dropout, -1, labels)
+
+
+def main(conditional, argv=None):
+    try:
+        args = parse_args(conditional, argv)
+        args, saved = resolve_args(args)
+        train(args, saved)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
