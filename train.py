@@ -26,7 +26,7 @@ from utils import (UserError, atomic_save, cpu_state_dict, get_data, load_checkp
 # Settings a preset fills in where the command line is silent. "default" finishes on a 2-core CPU in
 # about 10 minutes on the bundled MNIST digits (see README); "original" is the original repo's setup.
 PRESETS = {
-    "default": dict(image_size=16, channels=1, base_width=16, batch_size=64, lr=2e-3, epochs=20,
+    "default": dict(image_size=16, channels=1, base_width=16, batch_size=64, lr=2e-3, epochs=30,
                     sample_interval=10, sampler="ddim", sample_steps=50, eta=1.0, ema_start=500,
                     label_dropout_mode="sample", n_samples=64),
     "original": dict(image_size=64, channels=3, base_width=64, batch_size=12, lr=3e-4, epochs=500,
@@ -36,7 +36,7 @@ PRESETS = {
 CONDITIONAL = {"default": dict(n_samples=80), "original": dict(batch_size=14, epochs=300, sample_interval=10,
                                                                 n_samples=10)}
 COMMON = dict(seed=None, num_classes=10, noise_steps=1000, cfg_scale=3.0, ema_beta=0.995, label_dropout=0.1,
-              num_workers=None, device="auto", compile=False, amp=True, dataset_path=None, ema=None)
+              num_workers=None, device="auto", compile=False, amp=True, dataset_path=None)
 # What fixes the network and data: a resumed run keeps its own and refuses a different one.
 RUN_DEFINING = ("image_size", "channels", "base_width", "num_classes", "noise_steps")
 
@@ -45,13 +45,13 @@ def parse_args(conditional, argv=None):
     p = argparse.ArgumentParser(
         description=f"Train a {'class-conditional' if conditional else 'unconditional'} DDPM. With no "
                     "arguments: the bundled MNIST digits, a small network, about 10 minutes on a laptop CPU.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter, argument_default=None)
+        argument_default=None)
 
     def opt(name, **kw):  # --dash-names, with the --underscore_names of the original's attributes as aliases
         alias = "--" + name[2:].replace("-", "_")
         p.add_argument(*dict.fromkeys([name, alias]), **kw)
 
-    opt("--preset", choices=sorted(PRESETS), default="default", help="settings for what you leave unset")
+    opt("--preset", choices=sorted(PRESETS), help="settings for what you leave unset (default: default)")
     opt("--run-name", help="outputs go to runs/, results/, models/ under this name")
     opt("--dataset-path", help="an ImageFolder (one subfolder per class) or a flat folder of images; "
                                "default: the bundled MNIST digits, written to data/mnist")
@@ -90,17 +90,13 @@ def parse_args(conditional, argv=None):
 
 
 def resolve_args(args):
-    """Fill what the command line left unset: saved run (when resuming), then preset, then common."""
+    """Fill what the command line left unset: from the saved run when resuming, else the preset."""
     explicit = {k: v for k, v in vars(args).items() if v is not None}
-    settings = dict(COMMON, **PRESETS[args.preset])
-    if args.conditional:
-        settings.update(CONDITIONAL[args.preset])
-    settings["run_name"] = ("DDPM_conditional" if args.conditional else "DDPM_Unconditional") + \
-        ("" if args.preset == "original" else "_mnist")
-    settings["ema"] = args.conditional or settings["ema"] or False
-    run_name = explicit.get("run_name", settings["run_name"])
+    preset = explicit.get("preset", "default")
+    run_name = explicit.get("run_name") or ("DDPM_conditional" if args.conditional else "DDPM_Unconditional") + \
+        ("" if preset == "original" else "_mnist")
     saved = None
-    if explicit.get("resume"):
+    if args.resume:
         path = os.path.join("models", run_name, "state.pt")
         if not os.path.isfile(path):
             raise UserError(f"--resume: nothing to resume in models/{run_name} (no state.pt); "
@@ -110,7 +106,10 @@ def resolve_args(args):
             if k in explicit and explicit[k] != saved["args"][k]:
                 raise UserError(f"--resume: run {run_name} was trained with --{k.replace('_', '-')} "
                                 f"{saved['args'][k]}, not {explicit[k]}: drop the option or start a new run")
-        settings.update(saved["args"])
+        preset = explicit.get("preset", saved["args"]["preset"])
+    settings = dict(COMMON, **PRESETS[preset], **(CONDITIONAL[preset] if args.conditional else {}))
+    settings.update(preset=preset, run_name=run_name, ema=args.conditional or bool(args.ema))
+    settings.update(saved["args"] if saved else {})
     settings.update(explicit)
     out = argparse.Namespace(**settings)
     validate(out)
@@ -165,13 +164,16 @@ def make_model(a):
 
 
 def rng_state():
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+    name, keys, pos, has_gauss, gauss = np.random.get_state()  # numpy arrays would need pickle: store a tensor
+    return {"python": random.getstate(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos,
+                                                     has_gauss, gauss), "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
 def set_rng_state(s):
     random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
+    name, keys, pos, has_gauss, gauss = s["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(s["torch"])
     if s["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])
@@ -182,8 +184,11 @@ class StopFlag:
 
     def __init__(self):
         self.signum = 0
-        for s in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(s, self.handle)
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def restore(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
     def handle(self, signum, frame):
         if self.signum and signum == signal.SIGINT:
@@ -265,7 +270,7 @@ def save_run(a, model, ema_model, ema, optimizer, scaler, epoch, step_in_epoch, 
                 os.path.join(d, "state.pt"))
 
 
-def train(a, saved=None):
+def train(a, saved=None, stop=None):
     rank, world, device = setup_distributed(a)
     if a.dataset_path is None:
         a.dataset_path = prepare_mnist() if rank == 0 else "data/mnist"
@@ -325,7 +330,6 @@ def train(a, saved=None):
     if rank == 0:
         print(f"run {a.run_name}: {len(dataloader.dataset)} images from {a.dataset_path}, {device}, "
               f"{world} process(es) x batch {a.batch_size}; outputs in runs/, results/, models/{a.run_name}/")
-    stop = StopFlag()
     steps_per_epoch = len(dataloader)
 
     for epoch in range(start_epoch, a.epochs):
@@ -366,7 +370,7 @@ def train(a, saved=None):
                 if rank == 0:
                     pbar.set_postfix(MSE=f"{value:.4f}")
                     logger.add_scalar("MSE", value, global_step=global_step)
-            if stop.requested(device):
+            if stop is not None and stop.requested(device):
                 break
         skip = 0
         finished_epoch = i == steps_per_epoch
@@ -408,7 +412,11 @@ def main(conditional, argv=None):
     try:
         args = parse_args(conditional, argv)
         args, saved = resolve_args(args)
-        train(args, saved)
+        stop = StopFlag()
+        try:
+            train(args, saved, stop)
+        finally:
+            stop.restore()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

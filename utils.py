@@ -23,7 +23,7 @@ def plot_images(images, title=None):
     """Show a row of images; on a machine without a display, save them as a PNG and say where."""
     import matplotlib
 
-    row = torch.cat(list(images.cpu()), dim=-1).permute(1, 2, 0)
+    row = torch.cat(list(images.cpu()), dim=-1).permute(1, 2, 0).numpy()
     headless = matplotlib.get_backend().lower() in ("agg", "pdf", "svg", "ps", "cairo", "template") or (
         sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")))
     if headless:
