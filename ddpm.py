@@ -65,12 +65,29 @@ class Diffusion:
         """n training timesteps, uniform in [1, noise_steps-1] as the original."""
         return torch.randint(1, self.noise_steps, (n,), generator=generator).to(self.device)
 
-    def timesteps(self, steps=None):
-        """`steps` timesteps from noise_steps-1 down to 1, evenly spaced; all 999 for DDPM's default."""
+    def timesteps(self, steps=None, spacing="time"):
+        """The `steps` timesteps the network is evaluated at, from noise_steps-1 down, and the level each one
+        steps to: the next one, and 0 after the last. steps=999 is the original's loop (999..1, landing on 0).
+
+        spacing "time": even in t (DDIM's "linear" choice). "logsnr": even in lambda = log(alpha/sigma), the
+        DPM-Solver authors' choice for low-resolution images (Lu et al. 2022, sec. 3.3); uniform t leaves
+        one huge lambda step at the end that a multistep solver handles badly."""
         steps = self.noise_steps - 1 if steps is None else steps
         if not 1 <= steps <= self.noise_steps - 1:
             raise ValueError(f"steps must lie in 1..{self.noise_steps - 1}, got {steps}")
-        return torch.linspace(self.noise_steps - 1, 1, steps).round().long().tolist()
+        if spacing == "time":
+            ts = torch.linspace(self.noise_steps - 1, 0, steps + 1).round().long().tolist()
+        elif spacing == "logsnr":
+            lam = 0.5 * (self.alpha_hat / (1 - self.alpha_hat)).log().cpu()  # increasing as t falls
+            target = torch.linspace(lam[-1].item(), lam[0].item(), steps + 1)
+            ts = [int((lam - v).abs().argmin()) for v in target]
+            # near t=0 several targets round to one index: keep them distinct, within reach of both ends
+            ts = [min(max(t, steps - i), self.noise_steps - 1 - i) for i, t in enumerate(ts)]
+            for i in range(steps - 1, -1, -1):
+                ts[i] = max(ts[i], ts[i + 1] + 1)
+        else:
+            raise ValueError(f"unknown spacing {spacing!r}: time or logsnr")
+        return ts[:-1], ts[1:]
 
     # ---- the network's noise prediction, with classifier-free guidance ---------------------------------
 
@@ -121,12 +138,14 @@ class Diffusion:
 
     @torch.inference_mode()
     def sample(self, model, n, labels=None, cfg_scale=3, sampler="ddpm", steps=None, eta=1.0,
-               generator=None, noise=None, batched_cfg=True, progress=True):
+               generator=None, noise=None, batched_cfg=True, progress=True, raw=False, spacing=None):
         """n images as uint8 (n, C, H, W). The default is the original's: 999 DDPM ancestral steps.
 
         sampler: "ddpm" (steps defaults to 999), "ddim" (with eta), or "dpm++" (DPM-Solver++(2M), no
         noise injected). generator: a CPU torch.Generator that makes the result repeatable on any device.
-        noise: the starting x_T, overriding generator for it."""
+        noise: the starting x_T, overriding generator for it. spacing: of the timesteps (see timesteps());
+        by default "logsnr" for dpm++ and "time" for the others. raw=True returns the final float x as it is
+        (no clamping, no uint8), for tests and measurements."""
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}")
         net = unwrap(model)
@@ -138,33 +157,38 @@ class Diffusion:
                 else torch.randn(shape, device=device)
 
         logging.info(f"Sampling {n} new images with {sampler}....")
+        if labels is not None:
+            labels = torch.as_tensor(labels, device=device).long()
+            labels = labels.expand(n) if labels.dim() == 0 else labels  # one label for all n images
+            if labels.shape != (n,):
+                raise ValueError(f"labels must be one label or n={n} labels, got shape {tuple(labels.shape)}")
+        if steps is None and sampler != "ddpm":
+            steps = 50
+        spacing = spacing or ("logsnr" if sampler == "dpm++" else "time")
+        ts, ts_prev = self.timesteps(steps, spacing)
+        if sampler == "ddpm" and len(ts) != self.noise_steps - 1:
+            raise ValueError("the ddpm sampler walks every step: use ddim or dpm++ for fewer steps")
         was_training = model.training
         model.eval()
         x = randn() if noise is None else noise.to(device)
-        if labels is not None:
-            labels = torch.as_tensor(labels, device=device).long()
-        if steps is None and sampler != "ddpm":
-            steps = 50
-        ts = self.timesteps(steps)
-        if sampler == "ddpm" and len(ts) != self.noise_steps - 1:
-            raise ValueError("the ddpm sampler walks every step: use ddim or dpm++ for fewer steps")
         x0_last = h_last = None
-        for i, t_now in enumerate(tqdm(ts, desc=sampler, disable=not progress, leave=False)):
+        for i, (t_now, t_prev) in enumerate(tqdm(list(zip(ts, ts_prev)), desc=sampler, disable=not progress,
+                                                 leave=False)):
             last = i == len(ts) - 1
-            t_prev = ts[i + 1] if not last else 0
             t = torch.full((n,), t_now, device=device, dtype=torch.long)
+            tp = torch.full_like(t, t_prev)
             eps = self.predict_noise(model, x, t, labels, cfg_scale, batched_cfg).float()
             if sampler == "ddpm":
                 x = self.ddpm_step(x, t, eps, None if last else randn())
             elif sampler == "ddim":
-                tp = torch.full_like(t, t_prev)
                 x = self.ddim_step(x, t, tp, eps, eta, None if last or eta == 0 else randn())
             else:
-                tp = torch.full_like(t, t_prev)
-                first = x0_last is None or (last and len(ts) < 15)  # lower-order final step, as in the paper
+                # first order at the start (no history) and, for short runs, at the end: the paper's
+                # "lower order final" steps, which keep few-step sampling stable
+                first = x0_last is None or (last and len(ts) < 15)
                 x, x0_last, h_last = self.dpm_solver_step(x, t, tp, eps, x0_last, h_last, first)
         model.train(was_training)
-        return to_uint8(x)
+        return x if raw else to_uint8(x)
 
 
 def to_uint8(x):

@@ -1,0 +1,111 @@
+"""The offline quality measures: Frechet distance, the cached in-domain classifier, the FID path."""
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import evaluate
+from evaluate import Evaluator, fid, frechet_distance, inception_extractor
+from utils import UserError
+
+
+def gaussian(n, d, seed, shift=0.0, scale=1.0):
+    g = np.random.default_rng(seed)
+    return g.standard_normal((n, d)) @ (scale * g.standard_normal((d, d)) / np.sqrt(d)) + shift
+
+
+def test_frechet_distance_of_a_sample_with_itself_is_zero_and_grows_with_a_shift():
+    f = gaussian(400, 8, 0)
+    assert abs(frechet_distance(f, f)) < 1e-6
+    # same covariance: exactly the squared shift of the means
+    fds = [frechet_distance(f, f + s) for s in (0.1, 0.5, 1.0)]
+    assert np.allclose(fds, [8 * s**2 for s in (0.1, 0.5, 1.0)], rtol=1e-6)
+    assert fds[0] < fds[1] < fds[2]
+
+
+def test_frechet_distance_matches_the_formula_with_a_general_matrix_square_root():
+    f1, f2 = gaussian(300, 6, 1), gaussian(300, 6, 2, shift=0.3, scale=1.5)
+    mu1, mu2 = f1.mean(0), f2.mean(0)
+    s1, s2 = np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
+    # tr sqrt(S1 S2) from the (real, positive) eigenvalues of the non-symmetric product
+    tr = np.sqrt(np.linalg.eigvals(s1 @ s2).real.clip(min=0)).sum()
+    want = ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr
+    assert frechet_distance(f1, f2) == pytest.approx(want, rel=1e-6)
+    assert frechet_distance(f1, f2) == pytest.approx(frechet_distance(f2, f1), rel=1e-6)
+
+
+def test_fid_path_with_a_stand_in_feature_extractor():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(0, 256, (40, 1, 8, 8), generator=g, dtype=torch.uint8)
+    b = torch.randint(0, 128, (40, 1, 8, 8), generator=g, dtype=torch.uint8)
+
+    def extractor(x):  # stands in for Inception: any images -> (N, D) features
+        return torch.nn.functional.avg_pool2d(x.float() / 255, 4).flatten(1)
+
+    assert fid(a, a, extractor, batch=7) == pytest.approx(0, abs=1e-6)
+    want = frechet_distance(extractor(a), extractor(b))
+    assert fid(a, b, extractor, batch=7) == pytest.approx(want, rel=1e-9) and want > 0.01
+
+
+def test_fid_without_weights_says_so(tmp_path, capsys):
+    with pytest.raises(UserError, match="--inception-weights"):
+        inception_extractor(None)
+    with pytest.raises(UserError, match="no such file"):
+        inception_extractor(str(tmp_path / "pt_inception.pth"))
+    try:
+        import pytorch_fid  # noqa: F401
+    except ImportError:  # a weights file but no package: the message says what to install
+        weights = tmp_path / "w.pth"
+        torch.save({}, weights)
+        with pytest.raises(UserError, match="pip install pytorch-fid"):
+            inception_extractor(str(weights))
+
+
+def make_folder(root, n_per_class=30, size=12, seed=0):
+    """Two easily told apart classes of grayscale images: dark with a bright top half, and the reverse."""
+    rng = np.random.default_rng(seed)
+    for c in (0, 1):
+        os.makedirs(os.path.join(root, str(c)), exist_ok=True)
+        for i in range(n_per_class):
+            img = rng.integers(0, 60, (size, size)).astype(np.uint8)
+            img[: size // 2] += 180 if c == 0 else 0
+            img[size // 2:] += 180 if c == 1 else 0
+            Image.fromarray(img, mode="L").save(os.path.join(root, str(c), f"{i}.png"))
+    return str(root)
+
+
+def test_evaluator_trains_caches_and_scores(tmp_path):
+    data = make_folder(tmp_path / "data")
+    logs = []
+    ev = Evaluator(data, image_size=8, channels=1, cache_dir=str(tmp_path / "models"), epochs=6, log=logs.append)
+    cached = os.listdir(tmp_path / "models")
+    assert len(cached) == 1 and cached[0].startswith("classifier_") and logs
+    r = ev.evaluate(ev.real_a, ev.labels_a)
+    assert r["label_acc"] > 0.9 and r["fd"] == pytest.approx(r["fd_floor"])
+    # wrong labels, one class only and pure noise all score worse
+    bad = ev.evaluate(ev.real_a, 1 - ev.labels_a)
+    assert bad["label_acc"] < 0.1
+    ones = ev.real_a[ev.labels_a == 1]
+    hist = ev.evaluate(ones)["histogram"]
+    assert "label_acc" not in ev.evaluate(ones) and hist[1] > hist[0]
+    noise = torch.randint(0, 256, ev.real_a.shape, generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    assert ev.evaluate(noise)["fd"] > 2 * r["fd_floor"]
+    # second use: loaded from the cache, no training
+    logs.clear()
+    Evaluator(data, image_size=8, channels=1, cache_dir=str(tmp_path / "models"), epochs=6, log=logs.append)
+    assert logs == []
+
+
+def test_evaluate_cli_on_a_sample_folder(tmp_path, capsys, monkeypatch):
+    data = make_folder(tmp_path / "data")
+    samples = make_folder(tmp_path / "samples", n_per_class=5, seed=1)
+    monkeypatch.chdir(tmp_path)  # the classifier cache goes to ./models
+    evaluate.main(["--samples", samples, "--dataset-path", data, "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert "label accuracy: 1.000" in out and "in-domain FD" in out
+    assert "FID (Inception): not computed" in out
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--samples", str(tmp_path / "none"), "--dataset-path", data])
+    assert e.value.code == 2 and capsys.readouterr().err.startswith("error: ")

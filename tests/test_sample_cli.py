@@ -1,0 +1,127 @@
+"""sample.py end to end on tiny checkpoints made here."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import sample
+from modules import UNet, UNet_conditional
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def make_run(folder, conditional=True, channels=1, num_classes=3, image_size=8, state=True):
+    """A run folder as train.py leaves it: ema_ckpt.pt (a plain state_dict) and state.pt, whose args hold the
+    settings and whose rng entry holds numpy arrays, as train.py's does."""
+    torch.manual_seed(0)
+    net = UNet_conditional(channels, channels, num_classes=num_classes, base_width=8) if conditional \
+        else UNet(channels, channels, base_width=8)
+    os.makedirs(folder, exist_ok=True)
+    torch.save(net.state_dict(), os.path.join(folder, "ema_ckpt.pt"))
+    if state:
+        args = dict(image_size=image_size, channels=channels, base_width=8, num_classes=num_classes,
+                    noise_steps=20)
+        torch.save({"args": args, "rng": {"numpy": np.random.get_state()}}, os.path.join(folder, "state.pt"))
+    return os.path.join(folder, "ema_ckpt.pt")
+
+
+def run(argv, capsys):
+    """main(argv) -> (exit code, stdout, stderr)."""
+    code = 0
+    try:
+        sample.main(argv + ["--no-progress"])
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_grid_with_settings_from_the_checkpoint_and_state(tmp_path, capsys):
+    ckpt = make_run(tmp_path / "run")
+    out = tmp_path / "grid.png"
+    code, stdout, _ = run(["--ckpt", str(ckpt), "--labels", "0-2", "--n", "2", "--steps", "3", "--seed", "0",
+                           "--out", str(out)], capsys)
+    assert code == 0 and "wrote 6 images" in stdout
+    img = Image.open(out)
+    # 8x8 images from state.pt's image_size, 2 per row, one row per label, make_grid's 2-pixel padding
+    assert img.size == (2 * 10 + 2, 3 * 10 + 2)
+
+
+def test_folders_per_label_and_comma_list(tmp_path, capsys):
+    ckpt = make_run(tmp_path / "run")
+    out = tmp_path / "imgs"
+    code, _, _ = run(["--ckpt", str(ckpt), "--labels", "0,2", "--n", "3", "--sampler", "ddim", "--steps", "2",
+                      "--out", str(out) + "/"], capsys)
+    assert code == 0
+    assert sorted(os.listdir(out)) == ["0", "2"]
+    files = sorted(os.listdir(out / "2"))
+    assert len(files) == 3 and Image.open(out / "2" / files[0]).size == (8, 8)
+
+
+def test_run_folder_unconditional_rgb_and_default_size_without_state(tmp_path, capsys):
+    make_run(tmp_path / "run", conditional=False, channels=3, state=False)
+    out = tmp_path / "flat"
+    out.mkdir()  # an existing folder means single images
+    code, _, _ = run(["--ckpt", str(tmp_path / "run"), "--n", "2", "--steps", "2", "--noise_steps", "20",
+                      "--out", str(out)], capsys)
+    assert code == 0
+    files = sorted(os.listdir(out))
+    assert len(files) == 2
+    img = Image.open(out / files[0])
+    assert img.mode == "RGB" and img.size == (16, 16)  # no state.pt: the default 16
+
+
+def test_same_seed_same_images_and_underscore_aliases(tmp_path, capsys):
+    ckpt = make_run(tmp_path / "run")
+    outs = []
+    for i, (flag, seed) in enumerate([("--cfg-scale", "0"), ("--cfg_scale", "0"), ("--cfg-scale", "1")]):
+        out = tmp_path / f"g{i}.png"
+        code, _, _ = run(["--ckpt", str(ckpt), "--labels", "1", "--n", "2", "--sampler", "ddim", "--steps", "3",
+                          "--eta", "1", flag, "0", "--seed", seed, "--out", str(out)], capsys)
+        assert code == 0
+        outs.append(np.asarray(Image.open(out)))
+    assert np.array_equal(outs[0], outs[1])
+    assert not np.array_equal(outs[0], outs[2])
+
+
+@pytest.mark.parametrize("case", ["missing", "label_range", "uncond_labels", "size", "unwritable", "bad_labels",
+                                  "ddpm_steps"])
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys, case):
+    cond = make_run(tmp_path / "cond")
+    uncond = make_run(tmp_path / "uncond", conditional=False)
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    out = str(tmp_path / "out" / "g.png")
+    argv = {
+        "missing": ["--ckpt", str(tmp_path / "nope.pt")],
+        "label_range": ["--ckpt", cond, "--labels", "2-3"],
+        "uncond_labels": ["--ckpt", uncond, "--labels", "0"],
+        "size": ["--ckpt", cond, "--image-size", "12"],
+        "unwritable": ["--ckpt", cond, "--out", str(blocker / "sub" / "g.png")],
+        "bad_labels": ["--ckpt", cond, "--labels", "one"],
+        "ddpm_steps": ["--ckpt", cond, "--sampler", "ddpm", "--steps", "5"],
+    }[case]
+    before = sorted(os.listdir(tmp_path))
+    code, stdout, stderr = run(argv + (["--out", out] if "--out" not in argv else []), capsys)
+    assert code == 2
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ")
+    assert sorted(os.listdir(tmp_path)) == before and stdout == ""
+
+
+def test_script_runs_as_a_program(tmp_path):
+    ckpt = make_run(tmp_path / "run")
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    ok = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--ckpt", ckpt, "--labels", "0",
+                         "--n", "1", "--steps", "2", "--out", str(tmp_path / "a.png")],
+                        capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert ok.returncode == 0, ok.stderr
+    assert (tmp_path / "a.png").exists()
+    bad = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--ckpt", ckpt, "--labels", "7",
+                          "--out", str(tmp_path / "b.png")], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "0-2" in bad.stderr
+    assert not (tmp_path / "b.png").exists()
