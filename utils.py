@@ -111,8 +111,9 @@ def make_dataset(args):
     if subdirs:
         try:
             dataset = torchvision.datasets.ImageFolder(root, transform=transform, loader=load_image)
-        except FileNotFoundError as e:
-            raise UserError(f"--dataset-path {root}: {e}") from None
+        except FileNotFoundError:
+            raise UserError(f"--dataset-path {root}: no images found in its class folders "
+                            f"(looked for {', '.join(IMAGE_EXTENSIONS)})") from None
     else:
         dataset = FlatImageFolder(root, transform)
     if len(dataset) == 0:
@@ -153,8 +154,10 @@ def get_data(args, shuffle=True):
     seed = getattr(args, "data_seed", getattr(args, "seed", None))
     sampler = EpochSampler(len(dataset), shuffle, torch.randint(2**31, ()).item() if seed is None else seed,
                            rank, world)
+    # the loader's own generator, so that starting an epoch draws nothing from the global RNG (exact resume)
     return DataLoader(
         dataset, batch_size=args.batch_size, sampler=sampler, num_workers=workers,
+        generator=torch.Generator().manual_seed(sampler.seed),
         persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
         drop_last=len(dataset) // world >= 2 * args.batch_size,
     )

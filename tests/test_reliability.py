@@ -1,0 +1,161 @@
+"""Issue 6: resume, crash-safe checkpoints, clear errors, safe loading."""
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import train
+import utils
+from conftest import ROOT, write_images
+from test_train import TINY
+from utils import UserError, atomic_save, load_checkpoint
+
+
+def weights(run):
+    return {f: load_checkpoint(f"models/{run}/{f}") for f in ("ckpt.pt", "ema_ckpt.pt")}
+
+
+def assert_identical(a, b):
+    for f in a:
+        assert a[f].keys() == b[f].keys()
+        for k in a[f]:
+            assert torch.equal(a[f][k], b[f][k]), (f, k)
+
+
+def run_main(argv, capsys, conditional=True):
+    """train.main in-process; returns (exit code, stderr)."""
+    with pytest.raises(SystemExit) as e:
+        train.main(conditional, argv)
+        raise SystemExit(0)
+    return e.value.code, capsys.readouterr().err
+
+
+def test_resume_is_bit_identical(image_folder, in_tmp):
+    common = ["--dataset-path", image_folder, *TINY, "--ema-start", "2"]
+    train.main(True, ["--run-name", "straight", "--epochs", "3", *common])
+    train.main(True, ["--run-name", "split", "--epochs", "1", *common])
+    train.main(True, ["--run-name", "split", "--epochs", "3", "--resume"])
+    assert_identical(weights("straight"), weights("split"))
+    state = load_checkpoint("models/split/state.pt")
+    assert (state["epoch"], state["global_step"], state["ema"]["step"]) == (3, 9, 9)
+    optim = load_checkpoint("models/split/optim.pt")
+    assert set(optim) == {"state", "param_groups"}  # a plain optimizer state_dict
+
+
+def test_sigterm_saves_and_resumes_exactly(tmp_path, image_folder):
+    """Stopped mid-epoch by SIGTERM, then resumed: the same weights as an uninterrupted run."""
+    data = str(tmp_path / "big")
+    for c in range(2):
+        write_images(os.path.join(data, str(c)), 40, seed=c)
+    args = [sys.executable, os.path.join(ROOT, "ddpm_conditional.py"), "--dataset-path", data, *TINY,
+            "--epochs", "2"]
+    subprocess.run(args + ["--run-name", "straight"], cwd=tmp_path, check=True, capture_output=True, timeout=300)
+    log = open(tmp_path / "log", "w+")
+    p = subprocess.Popen(args + ["--run-name", "stopped"], cwd=tmp_path, stderr=log, stdout=log)
+    deadline = time.time() + 120
+    while "MSE=" not in open(tmp_path / "log").read() and time.time() < deadline:  # after the first step
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(timeout=120) == 128 + signal.SIGTERM
+    out = open(tmp_path / "log").read()
+    assert "--resume" in out and "Traceback" not in out
+    r = subprocess.run(args + ["--run-name", "stopped", "--resume"], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    os.chdir(tmp_path)
+    assert_identical(weights("straight"), weights("stopped"))
+
+
+def test_atomic_save_survives_a_crash_mid_write(tmp_path, monkeypatch):
+    path = str(tmp_path / "ckpt.pt")
+    atomic_save({"w": torch.ones(3)}, path)
+
+    def broken_save(obj, f):
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(utils.torch, "save", broken_save)
+    with pytest.raises(OSError):
+        atomic_save({"w": torch.zeros(3)}, path)
+    monkeypatch.undo()
+    assert torch.equal(load_checkpoint(path)["w"], torch.ones(3))
+    assert os.listdir(tmp_path) == ["ckpt.pt"]  # no temporary file left behind
+
+
+def test_non_finite_loss_stops_without_saving(image_folder, in_tmp, capsys, monkeypatch):
+    common = ["--dataset-path", image_folder, *TINY, "--run-name", "r"]
+    train.main(True, common + ["--epochs", "1"])
+    before = weights("r")
+    monkeypatch.setattr(train.F, "mse_loss", lambda *a: torch.tensor(float("nan"), requires_grad=True))
+    code, err = run_main(common + ["--epochs", "2", "--resume"], capsys)
+    assert code == 2 and "loss became nan" in err
+    assert_identical(before, weights("r"))
+
+
+def test_pickled_checkpoint_is_refused(tmp_path):
+    path = str(tmp_path / "evil.pt")
+    torch.save({"args": argparse.Namespace(lr=1)}, path)
+    with pytest.raises(UserError, match="pickled objects, refused"):
+        load_checkpoint(path)
+    (tmp_path / "cut.pt").write_bytes(open(path, "rb").read()[:50])
+    with pytest.raises(UserError, match="cannot be read"):
+        load_checkpoint(str(tmp_path / "cut.pt"))
+
+
+def make_bad_folders(root):
+    os.makedirs(f"{root}/empty")
+    os.makedirs(f"{root}/texts/a")
+    open(f"{root}/texts/a/readme.txt", "w").write("no images here")
+    write_images(f"{root}/corrupt/a", 3)
+    open(f"{root}/corrupt/a/1.png", "wb").write(b"\x89PNG\r\n\x1a\n broken")
+    for c in range(12):
+        write_images(f"{root}/many/{c}", 1)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--dataset-path", "nowhere"], "--dataset-path nowhere: no such folder"),
+    (["--dataset-path", "bad/empty"], "no images found"),
+    (["--dataset-path", "bad/texts"], "no images found"),  # or ImageFolder's own message
+    (["--dataset-path", "bad/corrupt"], "cannot read image bad/corrupt/a/1.png"),
+    (["--image-size", "12"], "--image-size 12 is not a multiple of 8"),
+    (["--dataset-path", "bad/many", "--num-classes", "10"], "has 12 classes but --num-classes is 10"),
+    (["--batch-size", "0"], "--batch-size must be positive"),
+    (["--epochs", "-1"], "--epochs must be positive"),
+    (["--lr", "0"], "--lr must be positive"),
+    (["--device", "tpu"], "--device tpu"),
+    (["--device", "cuda"], "CUDA is not available"),
+    (["--resume", "--run-name", "never"], "nothing to resume in models/never"),
+])
+def test_bad_input_gets_one_clear_line(args, message, image_folder, in_tmp, capsys):
+    if "cuda" in args and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    make_bad_folders("bad")
+    base = ["--dataset-path", image_folder, *TINY, "--epochs", "1", "--run-name", "bad_run"]
+    code, err = run_main(base + args, capsys)
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(lines) == 1 and message in lines[0], err[-1500:]
+    assert not os.path.exists("models/bad_run/ckpt.pt")
+
+
+def test_existing_run_is_not_overwritten(image_folder, in_tmp, capsys):
+    common = ["--dataset-path", image_folder, *TINY, "--run-name", "r", "--epochs", "1"]
+    train.main(True, common)
+    before = weights("r")
+    code, err = run_main(common + ["--lr", "1e-2"], capsys)
+    assert code == 2 and "already holds a run" in err and "--overwrite" in err
+    assert_identical(before, weights("r"))
+    code, err = run_main(common + ["--resume", "--base-width", "16"], capsys)
+    assert code == 2 and "trained with --base-width 8, not 16" in err
+    train.main(True, common + ["--overwrite", "--lr", "1e-2"])
+    assert not torch.equal(before["ckpt.pt"]["outc.weight"], weights("r")["ckpt.pt"]["outc.weight"])
+
+
+def test_unwritable_output_folder(image_folder, in_tmp, capsys):
+    open("models", "w").close()  # a file where the models folder should go
+    code, err = run_main(["--dataset-path", image_folder, *TINY, "--epochs", "1"], capsys)
+    assert code == 2 and "cannot write the run's outputs" in err
