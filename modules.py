@@ -84,10 +84,12 @@ class SelfAttention(nn.Module):
 
     def forward(self, x):
         b, c, h, w = x.shape
-        x = x.flatten(2).transpose(1, 2)  # (b, h*w, c)
+        fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        # (b, h*w, c) and back: free views when x is channels_last, one copy each way otherwise
+        x = x.permute(0, 2, 3, 1).reshape(b, h * w, c)
         x = self.attention(self.ln(x)) + x
         x = self.ff_self(x) + x
-        return x.transpose(1, 2).reshape(b, c, h, w)
+        return x.view(b, h, w, c).permute(0, 3, 1, 2).contiguous(memory_format=fmt)
 
 
 class DoubleConv(nn.Module):

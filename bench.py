@@ -1,0 +1,235 @@
+"""Speed benchmark: the fast path against the faithful path (the original's computation), same weights, same run.
+
+For each configuration it prints training images/s, guided sampling evaluations/s, forward time, peak memory,
+achieved GFLOP/s and its share of a large matmul timed in the same run. Each (config, path) runs in its own
+subprocess, because a process's peak RSS never goes down.
+
+    python bench.py                                  # both configs, CPU or the default device
+    python bench.py --configs original --steps 3 --warmup 1
+    python bench.py --device cuda --compile
+
+fast:     SDPA attention, batched CFG (one pass over 2n images), torch.inference_mode for sampling;
+          fused AdamW (CUDA and CPU: 4x cheaper step on the CPU); on CUDA also bf16 autocast, channels_last,
+          TF32; on the CPU fp32 and channels_last per --cpu-channels-last (measured, see CPU_CHANNELS_LAST).
+faithful: fp32 eager, the original's nn.MultiheadAttention call, two CFG passes, contiguous NCHW, plain AdamW.
+"""
+import os
+
+# The CPU may be shared: spinning OpenMP workers then steal the cores the other thread waits for (2 threads
+# ran 2x slower than with passive waiting on a busy 2-core machine). libgomp reads this at load time.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from ddpm import Diffusion
+from modules import UNet_conditional, set_original_attention
+
+CONFIGS = {
+    "original": dict(image_size=64, channels=3, base_width=64, batch=12),  # the original repo's setup
+    "default": dict(image_size=16, channels=1, base_width=16, batch=64),   # train.py's CPU preset
+}
+NUM_CLASSES = 10
+# channels_last on the CPU, per config, from A/B runs on a 2-core Xeon (AVX-512, torch 2.14): 3-10% faster
+# training at both sizes (oneDNN skips its layout reorders, attention's (b, hw, c) views are free). The issue's
+# AMD probe saw it slightly slower: set --cpu-channels-last off there, or change this after measuring.
+CPU_CHANNELS_LAST = {"original": True, "default": True}
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device, steps, warmup):
+    """Median seconds of fn() over `steps` runs after `warmup` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(steps):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def matmul_gflops(device, dtype=torch.float32, n=2048, reps=10):
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    return 2 * n**3 / timed(lambda: a @ b, device, reps, 2) / 1e9
+
+
+def peak_memory_gb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
+
+
+def count_flops(cfg):
+    """Forward and training-step FLOPs per image, counted on the original's attention math: FlopCounterMode
+    has no formula for the CPU SDPA kernel and would leave the attention out (13.5 instead of 18.7 GFLOP)."""
+    model = set_original_attention(make_model(cfg))
+    x = torch.randn(1, cfg["channels"], cfg["image_size"], cfg["image_size"])
+    t, y = torch.tensor([500]), torch.tensor([3])
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        model(x, t, y)
+    fwd = fc.get_total_flops()
+    with FlopCounterMode(display=False) as fc:
+        F.mse_loss(model(x, t, y), x).backward()
+    return fwd, fc.get_total_flops()
+
+
+def make_model(cfg):
+    torch.manual_seed(0)
+    c = cfg["channels"]
+    return UNet_conditional(c_in=c, c_out=c, num_classes=NUM_CLASSES, base_width=cfg["base_width"])
+
+
+def worker(a):
+    """One (config, path) in this process; prints a JSON line."""
+    device = torch.device(a.device)
+    cfg, fast, cuda = CONFIGS[a.config], a.path == "fast", device.type == "cuda"
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = fast
+    channels_last = fast and (cuda or (CPU_CHANNELS_LAST[a.config] if a.cpu_channels_last == "auto"
+                                       else a.cpu_channels_last == "on"))
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    amp = fast and cuda
+    amp_dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16
+
+    model = make_model(cfg).to(device, memory_format=fmt)
+    set_original_attention(model, not fast)
+    net = torch.compile(model) if fast and a.compile else model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=True if fast else None)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp and amp_dtype == torch.float16)
+    diffusion = Diffusion(1000, img_size=cfg["image_size"], device=device)
+    n, s, c = cfg["batch"], cfg["image_size"], cfg["channels"]
+    images = torch.randn(n, c, s, s, device=device).clamp(-1, 1).contiguous(memory_format=fmt)
+    labels = torch.randint(0, NUM_CLASSES, (n,), device=device)
+
+    def train_step():
+        t = diffusion.sample_timesteps(n)
+        x_t, noise = diffusion.noise_images(images, t)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
+            predicted = net(x_t, t, labels)
+        loss = F.mse_loss(predicted.float(), noise)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()  # no .item(): nothing here waits for the GPU
+
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    train_s = timed(train_step, device, a.steps, a.warmup)
+    train_peak = peak_memory_gb(device)
+
+    model.eval()
+    x = torch.randn(n, c, s, s, device=device).contiguous(memory_format=fmt)
+    t = torch.full((n,), 500, device=device, dtype=torch.long)
+
+    def sample_step():  # one DDPM step with classifier-free guidance, as Diffusion.sample runs it
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
+            eps = diffusion.predict_noise(net, x, t, labels, cfg_scale=3, batched_cfg=fast).float()
+        diffusion.ddpm_step(x, t, eps, torch.randn_like(x))
+
+    def forward():
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
+            net(x, t, labels)
+
+    with torch.inference_mode() if fast else torch.no_grad():  # the original sampled under no_grad
+        sample_s = timed(sample_step, device, a.steps, a.warmup)
+        forward_s = timed(forward, device, a.steps, a.warmup)
+    print(json.dumps(dict(train_s=train_s, sample_s=sample_s, forward_s=forward_s, train_peak_gb=train_peak,
+                          peak_gb=peak_memory_gb(device), channels_last=channels_last, amp=amp,
+                          threads=torch.get_num_threads())))
+
+
+def run_worker(a, config, path):
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--config", config, "--path", path,
+           "--device", a.device, "--steps", str(a.steps), "--warmup", str(a.warmup),
+           "--threads", str(a.threads), "--cpu-channels-last", a.cpu_channels_last]
+    if a.compile:
+        cmd.append("--compile")
+    out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--steps", type=int, default=3, help="timed iterations (the median is reported)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed iterations first")
+    p.add_argument("--configs", default="original,default", help=f"comma-separated: {', '.join(CONFIGS)}")
+    p.add_argument("--paths", default="fast,faithful", help="comma-separated: fast, faithful")
+    p.add_argument("--compile", action="store_true", help="torch.compile the fast path's network")
+    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: PyTorch's default)")
+    p.add_argument("--cpu-channels-last", choices=("auto", "on", "off"), default="auto",
+                   help="the fast path's memory format on the CPU (auto: per config, CPU_CHANNELS_LAST)")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--config", help=argparse.SUPPRESS)
+    p.add_argument("--path", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.worker:
+        return worker(a)
+
+    device = torch.device(a.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+    peak32 = matmul_gflops(device)
+    # the fast path's compute dtype sets its peak: bf16 under autocast on CUDA, fp32 on the CPU
+    peak_fast = matmul_gflops(device, torch.bfloat16) if device.type == "cuda" else peak32
+    print(f"device: {device} ({name}), torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
+    print(f"matmul peak (2048^3): fp32 {peak32:.0f} GFLOP/s" +
+          (f", bf16 {peak_fast:.0f} GFLOP/s" if peak_fast is not peak32 else ""))
+    print(f"median of {a.steps} timed iterations after {a.warmup} warmup; FLOPs counted with FlopCounterMode "
+          "on the original's attention math (same function)")
+    paths = a.paths.split(",")
+    for config in a.configs.split(","):
+        cfg = CONFIGS[config]
+        fwd_flops, train_flops = count_flops(cfg)
+        n = cfg["batch"]
+        print(f"\n[{config}] {cfg['image_size']}x{cfg['image_size']}x{cfg['channels']}, base_width "
+              f"{cfg['base_width']}, batch {n}, UNet_conditional({NUM_CLASSES} classes); "
+              f"{fwd_flops / 1e9:.2f} GFLOP/image forward, {train_flops / 1e9:.2f} per training image")
+        rows = {}
+        for path in paths:
+            r = run_worker(a, config, path)
+            rows[path] = r
+            peak = peak_fast if path == "fast" else peak32
+            gf_train = train_flops * n / r["train_s"] / 1e9
+            gf_fwd = fwd_flops * n / r["forward_s"] / 1e9
+            mem = "max_memory_allocated" if device.type == "cuda" else "peak RSS"
+            print(f"  {path:9s} train {n / r['train_s']:7.2f} img/s ({r['train_s']:.3f} s/step, {gf_train:.0f} GFLOP/s,"
+                  f" {gf_train / peak:.0%} of peak) | sample {n / r['sample_s']:7.1f} guided evals/s "
+                  f"({r['sample_s']:.3f} s/step) | forward {r['forward_s']:.3f} s ({gf_fwd:.0f} GFLOP/s, "
+                  f"{gf_fwd / peak:.0%} of peak) | {mem} train {r['train_peak_gb']:.2f} GB, all {r['peak_gb']:.2f} GB"
+                  f" | channels_last={r['channels_last']} amp={r['amp']}")
+        if "fast" in rows and "faithful" in rows:
+            f, o = rows["fast"], rows["faithful"]
+            print(f"  fast/faithful: train {o['train_s'] / f['train_s']:.1f}x, sample {o['sample_s'] / f['sample_s']:.1f}x, "
+                  f"forward {o['forward_s'] / f['forward_s']:.1f}x, train peak memory "
+                  f"{f['train_peak_gb'] / o['train_peak_gb']:.2f}x")
+
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return "unknown CPU"
+
+
+if __name__ == "__main__":
+    main()
