@@ -275,15 +275,15 @@ def save_run(a, model, ema_model, ema, optimizer, scaler, epoch, step_in_epoch, 
 
 def train(a, saved=None, stop=None):
     rank, world, device = setup_distributed(a)
-    if a.dataset_path is None:
-        a.dataset_path = prepare_mnist() if rank == 0 else "data/mnist"
+    if a.dataset_path is None:  # written once per machine, by its first process
+        a.dataset_path = prepare_mnist() if int(os.environ.get("LOCAL_RANK", 0)) == 0 else "data/mnist"
         if world > 1:
             dist.barrier()
     prepare_run_dir(a, saved, rank)
     if a.seed is not None:
         seed = a.seed + rank  # each rank draws its own noise, timesteps and label dropout
         random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
-    if getattr(a, "data_seed", None) is None:  # the data order's seed, shared by all ranks and kept on resume
+    if getattr(a, "data_seed", None) is None:  # seeds the data order and each step's noise; kept on resume
         box = [random.SystemRandom().randrange(2**31) if a.seed is None else a.seed]
         if world > 1:
             dist.broadcast_object_list(box, src=0)
@@ -344,11 +344,11 @@ def train(a, saved=None, stop=None):
             images = images.to(device, non_blocking=True)
             if cuda:
                 images = images.contiguous(memory_format=torch.channels_last)
-            t = diffusion.sample_timesteps(images.shape[0])
-            x_t, noise = diffusion.noise_images(images, t)
+            t, noise, u = step_randomness(a, global_step, images.shape, rank, world, device)
+            x_t, noise = diffusion.noise_images(images, t, noise)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=cuda and a.amp):
                 if a.conditional:
-                    labels = drop_labels(labels.to(device, non_blocking=True), a)
+                    labels = drop_labels(labels.to(device, non_blocking=True), u, a)
                     predicted_noise = net(x_t, t, labels)
                 else:
                     predicted_noise = net(x_t, t)
@@ -364,9 +364,9 @@ def train(a, saved=None, stop=None):
 
             if not cuda or global_step % 25 == 0:  # .item() syncs a GPU: only now and then there
                 value = loss.detach()
-                if world > 1:
-                    dist.all_reduce(value, op=dist.ReduceOp.AVG)
-                value = value.item()
+                if world > 1:  # the mean over all ranks (gloo has no AVG)
+                    dist.all_reduce(value)
+                value = value.item() / world
                 if not np.isfinite(value):
                     raise UserError(f"the loss became {value} at step {global_step}; the last good checkpoint "
                                     "was kept: lower --lr, or resume with --resume")
@@ -376,6 +376,8 @@ def train(a, saved=None, stop=None):
             if stop is not None and stop.requested(device):
                 break
         skip = 0
+        if world > 1:
+            check_ranks_agree(model, ema_model)
         finished_epoch = i == steps_per_epoch
         last = epoch == a.epochs - 1
         if rank == 0:
@@ -404,11 +406,33 @@ def train(a, saved=None, stop=None):
     return model
 
 
-def drop_labels(labels, a):
-    """Classifier-free guidance training: a label of -1 means "no label"."""
-    if a.label_dropout_mode == "batch":  # the original: the whole batch, 10% of the time
-        return None if torch.rand(()) < a.label_dropout else labels
-    return torch.where(torch.rand(labels.shape, device=labels.device) < a.label_dropout, -1, labels)
+def check_ranks_agree(*models):
+    """DDP keeps every rank's weights (and so its EMA) identical; verify it before saving rank 0's copy."""
+    sums = torch.stack([p.detach().double().sum() for m in models if m is not None for p in m.parameters()])
+    gathered = [torch.empty_like(sums) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, sums)
+    if not all(torch.equal(g, gathered[0]) for g in gathered):
+        raise RuntimeError("the ranks' weights diverged: a bug, please report it with your command line")
+
+
+def step_randomness(a, step, shape, rank, world, device):
+    """This rank's share of the step's timesteps, noise and label-dropout draws for the whole global batch.
+
+    They depend on (seed, step) alone: every rank draws different numbers, a resumed run draws the same as
+    an uninterrupted one, and N processes with batch B train like one process with batch N*B."""
+    g = torch.Generator(device).manual_seed(a.data_seed * 1_000_003 + step)
+    n = shape[0] * world
+    t = torch.randint(1, a.noise_steps, (n,), generator=g, device=device)[rank::world]
+    noise = torch.randn((n, *shape[1:]), generator=g, device=device)[rank::world]
+    u = torch.rand(n + 1, generator=g, device=device)  # one per sample, the last for whole-batch dropout
+    return t, noise, torch.cat([u[:n][rank::world], u[n:]])
+
+
+def drop_labels(labels, u, a):
+    """Classifier-free guidance training: a label of -1 means "no label". Dropping whole batches (the
+    original's way) gives -1 everywhere, the same numbers as its labels=None, with no host sync."""
+    drop = u[-1:] if a.label_dropout_mode == "batch" else u[:-1]
+    return torch.where(drop < a.label_dropout, -1, labels)
 
 
 def main(conditional, argv=None):
