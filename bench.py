@@ -72,7 +72,12 @@ def matmul_gflops(device, dtype=torch.float32, n=2048, reps=10):
 def peak_memory_gb(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 1e9
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
+    # VmHWM, not getrusage: Linux keeps ru_maxrss across fork+exec, so a worker would report its parent's peak
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1e6  # kB
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux, bytes on macOS
 
 
 def count_flops(cfg):
@@ -120,7 +125,8 @@ def worker(a):
     labels = torch.randint(0, NUM_CLASSES, (n,), device=device)
 
     def train_step():
-        t = diffusion.sample_timesteps(n)
+        # drawn on the device: sample_timesteps copies from the CPU, a host sync per step on CUDA
+        t = torch.randint(1, diffusion.noise_steps, (n,), device=device) if fast else diffusion.sample_timesteps(n)
         x_t, noise = diffusion.noise_images(images, t)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
             predicted = net(x_t, t, labels)
@@ -130,6 +136,7 @@ def worker(a):
         scaler.step(optimizer)
         scaler.update()  # no .item(): nothing here waits for the GPU
 
+    base = peak_memory_gb(device)  # held before the first step (on the CPU: torch's own libraries too)
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     train_s = timed(train_step, device, a.steps, a.warmup)
@@ -151,9 +158,9 @@ def worker(a):
     with torch.inference_mode() if fast else torch.no_grad():  # the original sampled under no_grad
         sample_s = timed(sample_step, device, a.steps, a.warmup)
         forward_s = timed(forward, device, a.steps, a.warmup)
-    print(json.dumps(dict(train_s=train_s, sample_s=sample_s, forward_s=forward_s, train_peak_gb=train_peak,
-                          peak_gb=peak_memory_gb(device), channels_last=channels_last, amp=amp,
-                          threads=torch.get_num_threads())))
+    print(json.dumps(dict(train_s=train_s, sample_s=sample_s, forward_s=forward_s, base_gb=base,
+                          train_peak_gb=train_peak, peak_gb=peak_memory_gb(device), channels_last=channels_last,
+                          amp=amp, threads=torch.get_num_threads())))
 
 
 def run_worker(a, config, path):
@@ -194,7 +201,7 @@ def main():
     print(f"matmul peak (2048^3): fp32 {peak32:.0f} GFLOP/s" +
           (f", bf16 {peak_fast:.0f} GFLOP/s" if peak_fast is not peak32 else ""))
     print(f"median of {a.steps} timed iterations after {a.warmup} warmup; FLOPs counted with FlopCounterMode "
-          "on the original's attention math (same function)")
+          "on the original's attention math (the same function)")
     paths = a.paths.split(",")
     for config in a.configs.split(","):
         cfg = CONFIGS[config]
@@ -211,16 +218,18 @@ def main():
             gf_train = train_flops * n / r["train_s"] / 1e9
             gf_fwd = fwd_flops * n / r["forward_s"] / 1e9
             mem = "max_memory_allocated" if device.type == "cuda" else "peak RSS"
-            print(f"  {path:9s} train {n / r['train_s']:7.2f} img/s ({r['train_s']:.3f} s/step, {gf_train:.0f} GFLOP/s,"
-                  f" {gf_train / peak:.0%} of peak) | sample {n / r['sample_s']:7.1f} guided evals/s "
-                  f"({r['sample_s']:.3f} s/step) | forward {r['forward_s']:.3f} s ({gf_fwd:.0f} GFLOP/s, "
-                  f"{gf_fwd / peak:.0%} of peak) | {mem} train {r['train_peak_gb']:.2f} GB, all {r['peak_gb']:.2f} GB"
-                  f" | channels_last={r['channels_last']} amp={r['amp']}")
+            print(f"  {path:8s} train {n / r['train_s']:7.2f} img/s ({r['train_s']:.3f} s/step, "
+                  f"{gf_train:.0f} GFLOP/s = {gf_train / peak:.0%} of peak)\n"
+                  f"           sample {n / r['sample_s']:7.1f} guided evals/s ({r['sample_s']:.3f} s per CFG step "
+                  f"of {n})\n"
+                  f"           forward {r['forward_s']:.3f} s ({gf_fwd:.0f} GFLOP/s = {gf_fwd / peak:.0%} of peak)\n"
+                  f"           {mem}: training {r['train_peak_gb']:.2f} GB, whole run {r['peak_gb']:.2f} GB, "
+                  f"at start {r['base_gb']:.2f} GB | channels_last={r['channels_last']} amp={r['amp']}")
         if "fast" in rows and "faithful" in rows:
             f, o = rows["fast"], rows["faithful"]
-            print(f"  fast/faithful: train {o['train_s'] / f['train_s']:.1f}x, sample {o['sample_s'] / f['sample_s']:.1f}x, "
-                  f"forward {o['forward_s'] / f['forward_s']:.1f}x, train peak memory "
-                  f"{f['train_peak_gb'] / o['train_peak_gb']:.2f}x")
+            print(f"  fast/faithful: train {o['train_s'] / f['train_s']:.1f}x, "
+                  f"sample {o['sample_s'] / f['sample_s']:.1f}x, forward {o['forward_s'] / f['forward_s']:.1f}x, "
+                  f"train peak memory {f['train_peak_gb'] / o['train_peak_gb']:.2f}x")
 
 
 def cpu_name():
