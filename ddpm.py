@@ -8,13 +8,8 @@ All samplers walk from t = noise_steps-1 down and land on the alpha_hat[0] level
 DDPM loop (999..1) does.
 """
 import logging
-import os
 
-# OpenMP threads that spin while waiting make PyTorch many times slower whenever another process shares
-# the cores (a laptop, a shared node): let them sleep instead. Must be set before torch loads OpenMP.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-import torch  # noqa: E402
+import torch
 from tqdm import tqdm
 
 SAMPLERS = ("ddpm", "ddim", "dpm++")
@@ -110,6 +105,15 @@ class Diffusion:
                              torch.cat([labels, torch.full_like(labels, -1)])).chunk(2)
         return torch.lerp(uncond, cond, cfg_scale)
 
+    def clip_eps(self, x, t, eps):
+        """The noise that goes with the x0 prediction clipped to the data range [-1, 1] (Ho et al.'s
+        clip_denoised; Saharia et al. 2022's static thresholding, which Lu et al. 2022 pair with
+        DPM-Solver++). At t near T, x0 = (x - sigma eps) / alpha divides small eps errors by alpha ~ 0.006:
+        an ODE sampler carries that error to the end, where ancestral noise would wash it out."""
+        a = _at(self.alpha_hat, t, x)
+        x0 = ((x - (1 - a).sqrt() * eps) / a.sqrt()).clamp(-1, 1)
+        return (x - a.sqrt() * x0) / (1 - a).sqrt()
+
     # ---- one reverse step of each sampler --------------------------------------------------------------
 
     def ddpm_step(self, x, t, eps, noise):
@@ -143,13 +147,14 @@ class Diffusion:
 
     @torch.inference_mode()
     def sample(self, model, n, labels=None, cfg_scale=3, sampler="ddpm", steps=None, eta=1.0,
-               generator=None, noise=None, batched_cfg=True, progress=True, raw=False, spacing=None):
+               generator=None, noise=None, batched_cfg=True, progress=True, raw=False, spacing=None, clip=None):
         """n images as uint8 (n, C, H, W). The default is the original's: 999 DDPM ancestral steps.
 
         sampler: "ddpm" (steps defaults to 999), "ddim" (with eta), or "dpm++" (DPM-Solver++(2M), no
         noise injected). generator: a CPU torch.Generator that makes the result repeatable on any device.
         noise: the starting x_T, overriding generator for it. spacing: of the timesteps (see timesteps());
-        by default "logsnr" for dpm++ and "time" for the others. raw=True returns the final float x as it is
+        by default "logsnr" for dpm++ and "time" for the others. clip: clip each x0 prediction to [-1, 1]
+        (see clip_eps); by default on for ddim and dpm++, off for ddpm as in the original. raw=True returns the final float x as it is
         (no clamping, no uint8), for tests and measurements."""
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}")
@@ -170,6 +175,7 @@ class Diffusion:
         if steps is None and sampler != "ddpm":
             steps = 50
         spacing = spacing or ("logsnr" if sampler == "dpm++" else "time")
+        clip = sampler != "ddpm" if clip is None else clip
         ts, ts_prev = self.timesteps(steps, spacing)
         if sampler == "ddpm" and len(ts) != self.noise_steps - 1:
             raise ValueError("the ddpm sampler walks every step: use ddim or dpm++ for fewer steps")
@@ -183,6 +189,8 @@ class Diffusion:
             t = torch.full((n,), t_now, device=device, dtype=torch.long)
             tp = torch.full_like(t, t_prev)
             eps = self.predict_noise(model, x, t, labels, cfg_scale, batched_cfg).float()
+            if clip:
+                eps = self.clip_eps(x, t, eps)
             if sampler == "ddpm":
                 x = self.ddpm_step(x, t, eps, None if last else randn())
             elif sampler == "ddim":

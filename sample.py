@@ -106,8 +106,6 @@ def check_out(out):
         probe = os.path.dirname(probe)
     if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
         raise UserError(f"--out {out}: cannot write there ({probe} is not a writable folder)")
-    if not as_dir and os.path.isdir(os.path.abspath(out)):
-        raise UserError(f"--out {out}: is a folder")
     return as_dir
 
 

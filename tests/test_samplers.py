@@ -98,7 +98,7 @@ def test_dpm_solver_follows_the_exact_ode_of_gaussian_data():
 
     def err(sampler, steps, spacing):
         x = d.sample(model, 4, sampler=sampler, steps=steps, eta=0.0, noise=xT, progress=False, raw=True,
-                     spacing=spacing)
+                     spacing=spacing, clip=False)
         return (x.double() - exact).abs().max().item()
 
     # the default (logSNR) spacing: 20 steps land close, far closer than first-order DDIM on the same steps
@@ -118,7 +118,7 @@ def test_ancestral_samplers_reach_the_data_distribution():
     a0 = d.alpha_hat[0]
     want_mean, want_std = a0.sqrt() * 0.2, (a0 * 0.09 + 1 - a0).sqrt()
     for sampler, steps, eta in [("ddpm", None, 1.0), ("ddim", 999, 1.0), ("ddim", 300, 0.0), ("dpm++", 20, 0.0)]:
-        x = d.sample(model, 256, sampler=sampler, steps=steps, eta=eta, progress=False, raw=True,
+        x = d.sample(model, 256, sampler=sampler, steps=steps, eta=eta, progress=False, raw=True, clip=False,
                      generator=torch.Generator().manual_seed(0))
         assert abs(x.mean() - want_mean) < 0.01, sampler
         assert abs(x.std() - want_std) < 0.01, sampler
@@ -151,3 +151,16 @@ def test_batched_cfg_matches_two_passes_and_scalar_label_broadcasts():
         d.sample(model, 2, torch.tensor([0, 1, 2]), sampler="ddim", steps=2, progress=False)
     with pytest.raises(ValueError):
         d.sample(model, 2, None, sampler="ddpm", steps=5, progress=False)
+
+
+def test_clipping_keeps_each_x0_prediction_in_the_data_range():
+    d = Diffusion(noise_steps=1000, img_size=8, device="cpu")
+    g = torch.Generator().manual_seed(0)
+    x, eps = torch.randn(2, 1, 8, 8, generator=g), torch.randn(2, 1, 8, 8, generator=g)
+    for t in (999, 500, 10):
+        tt = torch.full((2,), t)
+        a = d.alpha_hat[t]
+        x0 = (x - (1 - a).sqrt() * d.clip_eps(x, tt, eps)) / a.sqrt()
+        raw = (x - (1 - a).sqrt() * eps) / a.sqrt()
+        assert torch.allclose(x0, raw.clamp(-1, 1), atol=1e-3)
+        assert raw.abs().max() > 1  # so the clip did something
