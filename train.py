@@ -302,7 +302,8 @@ def train(a, saved=None, stop=None):
         model = model.to(memory_format=torch.channels_last)
     ema_model = copy.deepcopy(model).eval().requires_grad_(False) if a.ema else None
     ema = EMA(a.ema_beta, a.ema_start) if a.ema else None
-    optimizer = torch.optim.AdamW(model.parameters(), lr=a.lr, fused=cuda or None)
+    # fused: one kernel for all tensors, 4-6x faster than the per-tensor loop on the CPU (bench.py)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=a.lr, fused=device.type in ("cuda", "cpu"))
     amp_dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=cuda and a.amp and amp_dtype == torch.float16)
     diffusion = Diffusion(a.noise_steps, img_size=a.image_size, device=device)
