@@ -1,12 +1,12 @@
 """The fast paths compute what the faithful path computes (fp32 on the CPU, tiny sizes so this runs in seconds)."""
 import os
-import zlib
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import deterministic_weights
 from ddpm import Diffusion
 from modules import UNet, UNet_conditional, set_original_attention
 
@@ -26,24 +26,14 @@ def inputs(n=3, size=16, seed=1):
             torch.tensor([0, 6, -1, 9][:n]))
 
 
-def reference_weights(model):
-    """The deterministic weights of tests/reference/README.md."""
-    state = {}
-    for k, v in model.state_dict().items():
-        i = torch.arange(v.numel(), dtype=torch.float64)
-        state[k] = (0.1 * torch.sin(0.37 * i + (zlib.crc32(k.encode()) % 1000) / 100)).float().view(v.shape)
-    model.load_state_dict(state, strict=True)
-    return model.eval()
-
-
-@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
-def test_reference_forward_64(memory_format):
+def test_reference_forward_64_channels_last():  # contiguous: tests/test_core.py
+    memory_format = torch.channels_last
     ref = torch.load(REFERENCE, weights_only=True)
     x = ref["x"].contiguous(memory_format=memory_format)
     with torch.no_grad():
-        unet = reference_weights(UNet()).to(memory_format=memory_format)
+        unet = deterministic_weights(UNet()).eval().to(memory_format=memory_format)
         assert (unet(x, ref["t"]) - ref["unet"]).abs().max() <= 1e-4
-        cond = reference_weights(UNet_conditional(num_classes=10)).to(memory_format=memory_format)
+        cond = deterministic_weights(UNet_conditional(num_classes=10)).eval().to(memory_format=memory_format)
         assert (cond(x, ref["t"], ref["y"]) - ref["unet_conditional_labels"]).abs().max() <= 1e-4
         assert (cond(x, ref["t"], None) - ref["unet_conditional_none"]).abs().max() <= 1e-4
 
