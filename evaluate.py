@@ -10,7 +10,7 @@ instead, with a small classifier trained once on the training images and cached 
 Standard FID runs too when you have pytorch-fid's Inception weights file (--inception-weights PATH).
 
     python evaluate.py --samples sixes/                  # a folder written by sample.py
-    python evaluate.py --ckpt models/DDPM_conditional_mnist/ema_ckpt.pt --n 100 --sampler dpm++ --steps 20
+    python evaluate.py --ckpt models/DDPM_conditional_mnist/ema_ckpt.pt --n 50 --sampler ddim --steps 50
 """
 import argparse
 import hashlib
@@ -270,9 +270,9 @@ def main(argv=None):
     opt("--ckpt", help="or: sample from this checkpoint first (see sample.py)")
     opt("--n", type=int, default=50, help="with --ckpt: images per label (in all, unconditional)")
     opt("--labels", help="with --ckpt: labels to sample (default: every class)")
-    opt("--sampler", choices=SAMPLERS, default="dpm++")
+    opt("--sampler", choices=SAMPLERS, default="ddim")
     opt("--steps", type=int)
-    opt("--eta", type=float, default=0.0)
+    opt("--eta", type=float, default=1.0)
     opt("--cfg-scale", type=float, default=3.0)
     opt("--seed", type=int, default=0)
     opt("--dataset-path", help="the training ImageFolder (default: the bundled MNIST digits)")
