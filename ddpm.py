@@ -8,8 +8,13 @@ All samplers walk from t = noise_steps-1 down and land on the alpha_hat[0] level
 DDPM loop (999..1) does.
 """
 import logging
+import os
 
-import torch
+# OpenMP threads that spin while waiting make PyTorch many times slower whenever another process shares
+# the cores (a laptop, a shared node): let them sleep instead. Must be set before torch loads OpenMP.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
 from tqdm import tqdm
 
 SAMPLERS = ("ddpm", "ddim", "dpm++")
