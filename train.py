@@ -25,7 +25,7 @@ from utils import (UserError, atomic_save, cpu_state_dict, get_data, load_checkp
 # Settings a preset fills in where the command line is silent. "default" finishes on a 2-core CPU in
 # about 10 minutes on the bundled MNIST digits (see README); "original" is the original repo's setup.
 PRESETS = {
-    "default": dict(image_size=16, channels=None, base_width=16, batch_size=64, lr=2e-3, epochs=30,
+    "default": dict(image_size=16, channels=None, base_width=16, batch_size=64, lr=2e-3, epochs=20,
                     sample_interval=10, sampler="ddim", sample_steps=50, eta=1.0, ema_start=500,
                     label_dropout_mode="sample", n_samples=64),
     "original": dict(image_size=64, channels=3, base_width=64, batch_size=12, lr=3e-4, epochs=500,
