@@ -66,6 +66,14 @@ class Diffusion:
         a = _at(self.alpha_hat, t, x)
         return a.sqrt() * x + (1 - a).sqrt() * eps, eps
 
+    def loss_weight(self, t, gamma=5.0):
+        """Min-SNR-gamma weights for the noise-prediction MSE (Hang et al. 2023, "Efficient Diffusion
+        Training via Min-SNR Weighting Strategy"): min(SNR_t, gamma) / SNR_t, so the nearly clean timesteps,
+        whose noise is easy to predict but says little about the image, stop dominating the gradient."""
+        a = self.alpha_hat.to(t.device)[t]
+        snr = a / (1 - a)
+        return snr.clamp(max=gamma) / snr
+
     def sample_timesteps(self, n, generator=None):
         """n training timesteps, uniform in [1, noise_steps-1] as the original."""
         return torch.randint(1, self.noise_steps, (n,), generator=generator).to(self.device)
@@ -159,8 +167,8 @@ class Diffusion:
         noise injected). generator: a CPU torch.Generator that makes the result repeatable on any device.
         noise: the starting x_T, overriding generator for it. spacing: of the timesteps (see timesteps());
         by default "logsnr" for dpm++ and "time" for the others. clip: clip each x0 prediction to [-1, 1]
-        (see clip_eps); by default on for ddim and dpm++, off for ddpm as in the original. raw=True returns the final float x as it is
-        (no clamping, no uint8), for tests and measurements."""
+        (see clip_eps); by default on for ddim and dpm++, off for ddpm as in the original. raw=True returns
+        the final float x as it is (no clamping, no uint8), for tests and measurements."""
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}")
         net = unwrap(model)
@@ -186,26 +194,28 @@ class Diffusion:
             raise ValueError("the ddpm sampler walks every step: use ddim or dpm++ for fewer steps")
         was_training = model.training
         model.eval()
-        x = randn() if noise is None else noise.to(device)
-        x0_last = h_last = None
-        for i, (t_now, t_prev) in enumerate(tqdm(list(zip(ts, ts_prev)), desc=sampler, disable=not progress,
-                                                 leave=False)):
-            last = i == len(ts) - 1
-            t = torch.full((n,), t_now, device=device, dtype=torch.long)
-            tp = torch.full_like(t, t_prev)
-            eps = self.predict_noise(model, x, t, labels, cfg_scale, batched_cfg).float()
-            if clip:
-                eps = self.clip_eps(x, t, eps)
-            if sampler == "ddpm":
-                x = self.ddpm_step(x, t, eps, None if last else randn())
-            elif sampler == "ddim":
-                x = self.ddim_step(x, t, tp, eps, eta, None if last or eta == 0 else randn())
-            else:
-                # first order at the start (no history) and, for short runs, at the end: the paper's
-                # "lower order final" steps, which keep few-step sampling stable
-                first = x0_last is None or (last and len(ts) < 15)
-                x, x0_last, h_last = self.dpm_solver_step(x, t, tp, eps, x0_last, h_last, first)
-        model.train(was_training)
+        try:
+            x = randn() if noise is None else noise.to(device)
+            x0_last = h_last = None
+            for i, (t_now, t_prev) in enumerate(tqdm(list(zip(ts, ts_prev)), desc=sampler, disable=not progress,
+                                                     leave=False)):
+                last = i == len(ts) - 1
+                t = torch.full((n,), t_now, device=device, dtype=torch.long)
+                tp = torch.full_like(t, t_prev)
+                eps = self.predict_noise(model, x, t, labels, cfg_scale, batched_cfg).float()
+                if clip:
+                    eps = self.clip_eps(x, t, eps)
+                if sampler == "ddpm":
+                    x = self.ddpm_step(x, t, eps, None if last else randn())
+                elif sampler == "ddim":
+                    x = self.ddim_step(x, t, tp, eps, eta, None if last or eta == 0 else randn())
+                else:
+                    # first order at the start (no history) and, for short runs, at the end: the paper's
+                    # "lower order final" steps, which keep few-step sampling stable
+                    first = x0_last is None or (last and len(ts) < 15)
+                    x, x0_last, h_last = self.dpm_solver_step(x, t, tp, eps, x0_last, h_last, first)
+        finally:  # restored as found, also when interrupted
+            model.train(was_training)
         return x if raw else to_uint8(x)
 
 

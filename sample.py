@@ -13,19 +13,12 @@ import os
 import re
 import sys
 
-import numpy as np
 import torch
 from PIL import Image
 
 from ddpm import SAMPLERS, Diffusion
 from modules import UNet, UNet_conditional
 from utils import UserError, load_checkpoint, load_weights, save_images, strip_prefixes
-
-# train.py's state.pt also holds the numpy RNG state; these are the only globals its arrays need, and
-# they build plain arrays, so weights_only loading stays safe with them allowed.
-_NP_CORE = getattr(np, "_core", None) or np.core  # numpy 2 renamed np.core
-NUMPY_GLOBALS = [_NP_CORE.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
-
 
 def resolve_ckpt(path):
     """A checkpoint file, or a run folder (models/<run>/): its EMA weights when it has them."""
@@ -45,8 +38,7 @@ def run_args(ckpt):
     if not os.path.isfile(path):
         return {}
     try:
-        with torch.serialization.safe_globals(NUMPY_GLOBALS):
-            state = load_checkpoint(path)
+        state = load_checkpoint(path)
         return dict(state.get("args", {})) if isinstance(state, dict) else {}
     except UserError as e:  # only defaults come from it: say so and go on
         print(f"warning: ignoring {path}: {e}", file=sys.stderr)

@@ -78,6 +78,15 @@ def test_schedule_is_the_originals():
     assert torch.allclose(d.alpha_hat, torch.cumprod(1 - d.beta, 0))
 
 
+def test_min_snr_weight():
+    d = Diffusion(img_size=8, device="cpu")
+    t = torch.tensor([1, 100, 500, 999])
+    snr = d.alpha_hat[t] / (1 - d.alpha_hat[t])
+    w = d.loss_weight(t, gamma=5.0)
+    assert torch.allclose(w, torch.minimum(snr, torch.tensor(5.0)) / snr)
+    assert w[0] < 0.01 and torch.equal(w[2:], torch.ones(2))  # only the nearly clean timesteps are damped
+
+
 def test_reverse_step_is_algorithm_2():
     d = Diffusion(img_size=8, device="cpu")
     x, eps, z = torch.randn(3, 2, 1, 8, 8)

@@ -10,13 +10,14 @@ from PIL import Image
 
 import sample
 from modules import UNet, UNet_conditional
+from train import rng_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def make_run(folder, conditional=True, channels=1, num_classes=3, image_size=8, state=True):
     """A run folder as train.py leaves it: ema_ckpt.pt (a plain state_dict) and state.pt, whose args hold the
-    settings and whose rng entry holds numpy arrays, as train.py's does."""
+    settings, beside the RNG states."""
     torch.manual_seed(0)
     net = UNet_conditional(channels, channels, num_classes=num_classes, base_width=8) if conditional \
         else UNet(channels, channels, base_width=8)
@@ -25,7 +26,7 @@ def make_run(folder, conditional=True, channels=1, num_classes=3, image_size=8, 
     if state:
         args = dict(image_size=image_size, channels=channels, base_width=8, num_classes=num_classes,
                     noise_steps=20)
-        torch.save({"args": args, "rng": {"numpy": np.random.get_state()}}, os.path.join(folder, "state.pt"))
+        torch.save({"args": args, "rng": rng_state()}, os.path.join(folder, "state.pt"))
     return os.path.join(folder, "ema_ckpt.pt")
 
 

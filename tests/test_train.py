@@ -28,13 +28,13 @@ def test_script_end_to_end(script, conditional, image_folder, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert "models/tiny" in r.stdout  # says where its outputs go
     models = tmp_path / "models" / "tiny"
-    for name in ["ckpt.pt", "optim.pt", "state.pt"] + ["ema_ckpt.pt"] * conditional:
+    for name in ("ckpt.pt", "optim.pt", "state.pt", "ema_ckpt.pt"):  # the default preset keeps an EMA
         assert (models / name).is_file()
     net = UNet_conditional(3, 3, num_classes=10, base_width=8) if conditional else UNet(3, 3, base_width=8)
     load_weights(net, torch.load(models / "ckpt.pt"))  # a plain state_dict of CPU tensors
     for epoch in (0, 1):  # the default interval is 10: the first epoch and the last
         assert (tmp_path / "results" / "tiny" / f"{epoch}.jpg").is_file()
-        assert (tmp_path / "results" / "tiny" / f"{epoch}_ema.jpg").is_file() == conditional
+        assert (tmp_path / "results" / "tiny" / f"{epoch}_ema.jpg").is_file()
     assert any(f.startswith("events.out") for f in os.listdir(tmp_path / "runs" / "tiny"))
 
 
@@ -50,11 +50,12 @@ def test_original_preset_is_the_originals():
     from train import parse_args, resolve_args
 
     a, _ = resolve_args(parse_args(False, ["--preset", "original"]))
-    assert (a.image_size, a.base_width, a.batch_size, a.lr, a.epochs, a.sampler, a.sample_interval) == \
-        (64, 64, 12, 3e-4, 500, "ddpm", 1)
+    assert (a.image_size, a.base_width, a.batch_size, a.lr, a.epochs, a.sampler, a.sample_interval, a.ema,
+            a.lr_schedule) == (64, 64, 12, 3e-4, 500, "ddpm", 1, False, "constant")
+    assert resolve_args(parse_args(False, []))[0].ema and not resolve_args(parse_args(False, ["--no-ema"]))[0].ema
     c, _ = resolve_args(parse_args(True, ["--preset", "original"]))
     assert (c.batch_size, c.epochs, c.ema_beta, c.ema_start, c.cfg_scale, c.sample_interval, c.n_samples,
-            c.label_dropout_mode) == (14, 300, 0.995, 2000, 3.0, 10, 10, "batch")
+            c.label_dropout_mode, c.ema) == (14, 300, 0.995, 2000, 3.0, 10, 10, "batch", True)
     u, _ = resolve_args(parse_args(True, ["--batch_size", "7"]))  # underscore alias
     assert u.batch_size == 7
 
