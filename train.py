@@ -353,8 +353,9 @@ def train(a, saved=None, stop=None):
             if cuda:
                 images = images.contiguous(memory_format=torch.channels_last)
             if a.lr_schedule == "cosine":
+                progress = global_step / (a.epochs * steps_per_epoch)
                 for group in optimizer.param_groups:
-                    group["lr"] = a.lr * 0.5 * (1 + math.cos(math.pi * global_step / (a.epochs * steps_per_epoch)))
+                    group["lr"] = a.lr * 0.5 * (1 + math.cos(math.pi * progress))
             t, noise, u = step_randomness(a, global_step, images.shape, rank, world, device)
             x_t, noise = diffusion.noise_images(images, t, noise)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=cuda and a.amp):

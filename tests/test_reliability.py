@@ -91,7 +91,8 @@ def test_non_finite_loss_stops_without_saving(image_folder, in_tmp, capsys, monk
     common = ["--dataset-path", image_folder, *TINY, "--run-name", "r"]
     train.main(True, common + ["--epochs", "1"])
     before = weights("r")
-    monkeypatch.setattr(train.F, "mse_loss", lambda *a: torch.tensor(float("nan"), requires_grad=True))
+    monkeypatch.setattr(train.F, "mse_loss",
+                        lambda pred, target, **kw: torch.full_like(pred, float("nan"), requires_grad=True))
     code, err = run_main(common + ["--epochs", "2", "--resume"], capsys)
     assert code == 2 and "loss became nan" in err
     assert_identical(before, weights("r"))

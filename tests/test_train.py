@@ -105,3 +105,12 @@ def test_seed_makes_a_cpu_run_repeatable(image_folder, in_tmp):
         train.main(True, ["--dataset-path", image_folder, "--epochs", "1", "--run-name", name, *TINY])
         sds.append(load_checkpoint(f"models/{name}/ckpt.pt"))
     assert all(torch.equal(sds[0][k], sds[1][k]) for k in sds[0])
+
+
+def test_cosine_schedule_decays_the_lr(image_folder, in_tmp):
+    import train
+
+    train.main(False, ["--dataset-path", image_folder, "--epochs", "2", "--run-name", "cos", "--lr", "1e-3",
+                       "--lr-schedule", "cosine", *TINY])
+    lr = load_checkpoint("models/cos/optim.pt")["param_groups"][0]["lr"]
+    assert 0 < lr < 0.1e-3  # the last of 6 steps: 1e-3 * (1 + cos(pi * 5/6)) / 2
