@@ -40,8 +40,10 @@ class EMA:
             self.update_model_average(ema_model, model)
         self.step += 1
 
+    @torch.no_grad()
     def reset_parameters(self, ema_model, model):
-        ema_model.load_state_dict(model.state_dict())
+        # what the original's ema_model.load_state_dict(model.state_dict()) does, in one fused copy
+        torch._foreach_copy_([*ema_model.parameters(), *ema_model.buffers()], [*model.parameters(), *model.buffers()])
 
     # The step counter decides when averaging starts, so resuming needs it.
     def state_dict(self):

@@ -287,9 +287,10 @@ def train(a, saved=None, stop=None):
         if world > 1:
             dist.barrier()
     prepare_run_dir(a, saved, rank)
-    if a.seed is not None:
-        seed = a.seed + rank  # each rank draws its own noise, timesteps and label dropout
-        random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
+    if a.seed is not None:  # the initial weights (DDP copies rank 0's) and each rank's data augmentation
+        random.seed(a.seed + rank)
+        np.random.seed(a.seed + rank)
+        torch.manual_seed(a.seed + rank)
     if getattr(a, "data_seed", None) is None:  # seeds the data order and each step's noise; kept on resume
         box = [random.SystemRandom().randrange(2**31) if a.seed is None else a.seed]
         if world > 1:
