@@ -13,13 +13,9 @@ fast:     SDPA attention, batched CFG (one pass over 2n images), torch.inference
           TF32; on the CPU fp32 and channels_last per --cpu-channels-last (measured, see CPU_CHANNELS_LAST).
 faithful: fp32 eager, the original's nn.MultiheadAttention call, two CFG passes, contiguous NCHW, plain AdamW.
 """
-import os
-
-# The CPU may be shared: spinning OpenMP workers then steal the cores the other thread waits for (2 threads
-# ran 2x slower than with passive waiting on a busy 2-core machine). libgomp reads this at load time.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
+import ddpm  # noqa: F401  (first: it sets the OpenMP spin policy before torch loads OpenMP)
 import argparse
+import os
 import json
 import resource
 import subprocess
@@ -197,7 +193,7 @@ def main():
     # the fast path's compute dtype sets its peak: bf16 under autocast on CUDA, fp32 on the CPU
     peak_fast = matmul_gflops(device, torch.bfloat16) if device.type == "cuda" else peak32
     print(f"device: {device} ({name}), torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')} GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT')}")
     print(f"matmul peak (2048^3): fp32 {peak32:.0f} GFLOP/s" +
           (f", bf16 {peak_fast:.0f} GFLOP/s" if peak_fast is not peak32 else ""))
     print(f"median of {a.steps} timed iterations after {a.warmup} warmup; FLOPs counted with FlopCounterMode "

@@ -1,0 +1,58 @@
+"""Two CPU choices, measured: OpenMP's wait policy, and bf16 autocast.
+
+    python bench_cpu.py            # prints two markdown tables (about 3 minutes on 2 cores)
+
+OpenMP: the default configuration's training step (UNet_conditional, width 16, 16x16x1, batch 64, fused
+AdamW) in fresh processes, on an idle CPU and with two jobs sharing it; libgomp reads its settings once,
+when torch loads it. bf16: the original's 64x64 batch-12 training step in fp32 and under CPU bf16 autocast.
+"""
+import os
+import subprocess
+import sys
+
+SETTINGS = [("libgomp's default spin", {"OMP_WAIT_POLICY": "", "GOMP_SPINCOUNT": ""}),
+            ("OMP_WAIT_POLICY=PASSIVE (no spin)", {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": ""}),
+            ("GOMP_SPINCOUNT=3000 (ddpm.py's default)", {"OMP_WAIT_POLICY": "", "GOMP_SPINCOUNT": "3000"})]
+
+STEP = """
+import sys, time, torch
+from modules import UNet_conditional
+steps, size, channels, width, batch, bf16 = (int(v) for v in sys.argv[1:])
+torch.manual_seed(0)
+m = UNet_conditional(channels, channels, num_classes=10, base_width=width)
+opt = torch.optim.AdamW(m.parameters(), lr=1e-3, fused=True)
+x = torch.randn(batch, channels, size, size)
+t, y = torch.randint(1, 1000, (batch,)), torch.randint(0, 10, (batch,))
+def step():
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(bf16)):
+        out = m(x, t, y)
+    loss = torch.nn.functional.mse_loss(out.float(), x)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+step()
+t0 = time.perf_counter()
+for _ in range(steps):
+    step()
+print((time.perf_counter() - t0) / steps)
+"""
+DEFAULT = ["16", "1", "16", "64", "0"]  # size, channels, width, batch, bf16
+ORIGINAL = ["64", "3", "64", "12"]
+
+
+def ms_per_step(env, jobs, steps, config=DEFAULT):
+    """The mean step time of `jobs` identical processes started together."""
+    env = {**{k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")},
+           **{k: v for k, v in env.items() if v}}
+    procs = [subprocess.Popen([sys.executable, "-c", STEP, str(steps), *config], env=env, stdout=subprocess.PIPE,
+                              text=True, cwd=os.path.dirname(os.path.abspath(__file__))) for _ in range(jobs)]
+    return 1000 * sum(float(p.communicate()[0]) for p in procs) / jobs
+
+
+if __name__ == "__main__":
+    print("| OpenMP setting | idle machine | two such jobs at once |\n|---|---|---|")
+    for name, env in SETTINGS:
+        print(f"| {name} | {ms_per_step(env, 1, 30):.0f} ms | {ms_per_step(env, 2, 15):.0f} ms |", flush=True)
+    print("\n| the original's training step, 64x64, batch 12 | seconds |\n|---|---|")
+    for name, bf16 in (("fp32", "0"), ("bf16 autocast", "1")):
+        print(f"| {name} | {ms_per_step({}, 1, 2, ORIGINAL + [bf16]) / 1000:.1f} s |", flush=True)
