@@ -210,3 +210,17 @@ def test_prefixed_checkpoints_load_and_mismatch_is_explained():
         load_weights(UNet_conditional(1, 1, num_classes=5, base_width=8), model.state_dict())
     with pytest.raises(UserError, match="base width 8"):
         load_weights(UNet_conditional(1, 1, num_classes=10, base_width=16), model.state_dict())
+
+
+def test_openmp_spin_is_set_only_when_the_user_has_not():
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    code = "import os, ddpm; print(os.environ.get('GOMP_SPINCOUNT'))"
+    base = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    for extra, expected in (({}, "3000"), ({"OMP_WAIT_POLICY": "ACTIVE"}, "None"), ({"GOMP_SPINCOUNT": "7"}, "7")):
+        out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**base, **extra}, capture_output=True,
+                             text=True, check=True).stdout.strip()
+        assert out == expected, (extra, out)
