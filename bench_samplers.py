@@ -18,7 +18,7 @@ import torch
 
 import sample
 from evaluate import Evaluator
-from utils import UserError
+from utils import UserError, option_adder
 
 # (sampler, steps, eta): the list, fast ones first
 CONFIGS = [("dpm++", 10, 0.0), ("dpm++", 20, 0.0), ("ddim", 25, 1.0), ("ddim", 50, 1.0), ("ddim", 50, 0.0),
@@ -41,8 +41,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
-    def opt(name, **kw):
-        p.add_argument(*dict.fromkeys([name, "--" + name[2:].replace("-", "_")]), **kw)
+    opt = option_adder(p)
 
     opt("--ckpt", help="a conditional checkpoint (default: train the default model)")
     opt("--n", type=int, default=500, help="images per fast sampler")

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ddpm import SAMPLERS, to_uint8
-from utils import IMAGE_EXTENSIONS, UserError, load_checkpoint, atomic_save, make_dataset, prepare_mnist
+from utils import (IMAGE_EXTENSIONS, UserError, atomic_save, load_checkpoint, make_dataset, option_adder,
+                   prepare_mnist)
 
 CLASSIFIER_VERSION = 1  # bump when the classifier or its training changes: old caches are not reused
 FID_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
@@ -263,8 +264,7 @@ def main(argv=None):
                                             "in-domain FD; FID with local Inception weights.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
-    def opt(name, **kw):
-        p.add_argument(*dict.fromkeys([name, "--" + name[2:].replace("-", "_")]), **kw)
+    opt = option_adder(p)
 
     opt("--samples", help="a folder written by sample.py (per-label subfolders, or flat)")
     opt("--ckpt", help="or: sample from this checkpoint first (see sample.py)")

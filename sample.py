@@ -18,7 +18,7 @@ from PIL import Image
 
 from ddpm import SAMPLERS, Diffusion
 from modules import UNet, UNet_conditional
-from utils import UserError, load_checkpoint, load_weights, save_images, strip_prefixes
+from utils import UserError, load_checkpoint, load_weights, option_adder, save_images, strip_prefixes
 
 def resolve_ckpt(path):
     """A checkpoint file, or a run folder (models/<run>/): its EMA weights when it has them."""
@@ -133,8 +133,7 @@ def build_parser():
     p = argparse.ArgumentParser(description="Sample images from a DDPM checkpoint.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
-    def opt(name, **kw):  # --dash-names with --underscore_names as aliases, as train.py
-        p.add_argument(*dict.fromkeys([name, "--" + name[2:].replace("-", "_")]), **kw)
+    opt = option_adder(p)
 
     opt("--ckpt", required=True, help="ckpt.pt / ema_ckpt.pt, or a run folder (uses its ema_ckpt.pt)")
     opt("--labels", help="conditional checkpoints: 6, 0-9 or 1,3,5 (default: every class)")

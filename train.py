@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from ddpm import SAMPLERS, Diffusion, unwrap
 from modules import EMA, UNet, UNet_conditional
-from utils import (UserError, atomic_save, cpu_state_dict, get_data, load_checkpoint, load_weights,
+from utils import (UserError, atomic_save, cpu_state_dict, get_data, load_checkpoint, load_weights, option_adder,
                    prepare_mnist, save_images, setup_logging)
 
 # Settings a preset fills in where the command line is silent. "default" finishes on a 2-core CPU in
@@ -48,9 +48,7 @@ def parse_args(conditional, argv=None):
                     "arguments: the bundled MNIST digits, a small network, under 10 minutes on a laptop CPU.",
         argument_default=None)
 
-    def opt(name, **kw):  # --dash-names, with the --underscore_names of the original's attributes as aliases
-        alias = "--" + name[2:].replace("-", "_")
-        p.add_argument(*dict.fromkeys([name, alias]), **kw)
+    opt = option_adder(p)  # --dash-names, with the original's --underscore_names as aliases
 
     opt("--preset", choices=sorted(PRESETS), help="settings for what you leave unset (default: default)")
     opt("--run-name", help="outputs go to runs/, results/, models/ under this name")

@@ -17,6 +17,13 @@ class UserError(Exception):
     """A mistake in the user's input: the scripts print its one-line message and exit non-zero."""
 
 
+def option_adder(parser):
+    """add(--dash-name, ...) for argparse, with the --underscore_name spelling as an alias."""
+    def add(name, **kw):
+        parser.add_argument(*dict.fromkeys([name, "--" + name[2:].replace("-", "_")]), **kw)
+    return add
+
+
 # ---- images ------------------------------------------------------------------------------------------
 
 def plot_images(images, title=None):
