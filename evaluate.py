@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ddpm import SAMPLERS, to_uint8
-from utils import (IMAGE_EXTENSIONS, UserError, atomic_save, load_checkpoint, make_dataset, option_adder,
+from utils import (IMAGE_EXTENSIONS, UserError, atomic_save, load_checkpoint, make_dataset, option_adder, pick_device,
                    prepare_mnist)
 
 CLASSIFIER_VERSION = 1  # bump when the classifier or its training changes: old caches are not reused
@@ -304,7 +304,6 @@ def main(argv=None):
             size = images.shape[-1]
         if a.image_size is not None and a.image_size != images.shape[-1]:
             raise UserError(f"--image-size {a.image_size}: the samples are {images.shape[-1]} pixels")
-        from train import pick_device
 
         ev = Evaluator(a.dataset_path, size, channels, pick_device(a.device), log=lambda s: print(s, file=sys.stderr))
         print(report(ev.evaluate(images, ys), ev.classes))

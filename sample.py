@@ -18,7 +18,7 @@ from PIL import Image
 
 from ddpm import SAMPLERS, Diffusion
 from modules import UNet, UNet_conditional
-from utils import UserError, load_checkpoint, load_weights, option_adder, save_images, strip_prefixes
+from utils import UserError, load_checkpoint, load_weights, option_adder, pick_device, save_images, strip_prefixes
 
 def resolve_ckpt(path):
     """A checkpoint file, or a run folder (models/<run>/): its EMA weights when it has them."""
@@ -156,7 +156,6 @@ def build_parser():
 
 def resolve(a):
     """Check everything the user gave before anything is computed or written; returns the model and co."""
-    from train import pick_device  # one place for device names and their errors
 
     ckpt = resolve_ckpt(a.ckpt)
     saved = run_args(ckpt)

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from ddpm import SAMPLERS, Diffusion, unwrap
 from modules import EMA, UNet, UNet_conditional
 from utils import (UserError, atomic_save, cpu_state_dict, get_data, load_checkpoint, load_weights, option_adder,
-                   prepare_mnist, save_images, setup_logging)
+                   pick_device, prepare_mnist, save_images, setup_logging)
 
 # Settings a preset fills in where the command line is silent. "default" finishes on a 2-core CPU in
 # 6-9 minutes on the bundled MNIST digits (README: its timings and what each setting is worth);
@@ -144,26 +144,6 @@ def validate(a):
         raise UserError(f"--sample-steps must be at most {a.noise_steps - 1}, got {a.sample_steps}")
 
 
-def pick_device(name):
-    if name in (None, "auto"):
-        from ddpm import default_device
-
-        return default_device()
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device {name}: unknown device; use auto, cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError(f"--device {name}: MPS is not available on this machine; use --device cpu")
-    if device.type not in ("cpu", "cuda", "mps"):
-        raise UserError(f"--device {name}: unsupported; use auto, cpu, cuda, cuda:N or mps")
-    return device
-
-
 def make_model(a):
     if a.conditional:
         return UNet_conditional(c_in=a.channels, c_out=a.channels, num_classes=a.num_classes,
@@ -202,12 +182,14 @@ class StopFlag:
         if self.signum and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signum = signum
-        print(f"\n{signal.Signals(signum).name}: finishing this step, then saving (Ctrl-C again to abort)",
-              file=sys.stderr)
+        print(f"\n{signal.Signals(signum).name}: finishing this step (under torchrun, up to 25), then saving "
+              "(Ctrl-C again to abort)", file=sys.stderr)
 
-    def requested(self, device):
+    def requested(self, device, step, every=25):
         if not (dist.is_available() and dist.is_initialized()):
             return bool(self.signum)
+        if step % every:  # agreeing costs an all_reduce and a host sync: only now and then
+            return False
         flag = torch.tensor([self.signum], device=device)  # every rank must stop at the same step
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
@@ -385,7 +367,7 @@ def train(a, saved=None, stop=None):
                 if rank == 0:
                     pbar.set_postfix(MSE=f"{value:.4f}")
                     logger.add_scalar("MSE", value, global_step=global_step)
-            if stop is not None and stop.requested(device):
+            if stop is not None and stop.requested(device, global_step):
                 break
         skip = 0
         if world > 1:

@@ -200,6 +200,26 @@ def prepare_mnist(root="data/mnist"):
 
 # ---- runs and checkpoints ----------------------------------------------------------------------------
 
+def pick_device(name):
+    if name in (None, "auto"):
+        from ddpm import default_device
+
+        return default_device()
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name}: unknown device; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--device {name}: MPS is not available on this machine; use --device cpu")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"--device {name}: unsupported; use auto, cpu, cuda, cuda:N or mps")
+    return device
+
+
 def setup_logging(run_name):
     for top in ("models", "results", "runs"):
         os.makedirs(os.path.join(top, run_name), exist_ok=True)
