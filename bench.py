@@ -8,10 +8,12 @@ subprocess, because a process's peak RSS never goes down.
     python bench.py --configs original --steps 3 --warmup 1
     python bench.py --device cuda --compile
 
-fast:     SDPA attention, batched CFG (one pass over 2n images), torch.inference_mode for sampling;
-          fused AdamW (CUDA and CPU: 4x cheaper step on the CPU); on CUDA also bf16 autocast, channels_last,
-          TF32; on the CPU fp32 and channels_last per --cpu-channels-last (measured, see CPU_CHANNELS_LAST).
-faithful: fp32 eager, the original's nn.MultiheadAttention call, two CFG passes, contiguous NCHW, plain AdamW.
+fast:      what train.py runs: SDPA attention, batched CFG (one pass over 2n images), torch.inference_mode
+           for sampling, fused AdamW (4x cheaper on the CPU), and the per-device choices of utils.py:
+           autocast_dtype (bf16 on CUDA and on AMX CPUs) and fast_memory_format (channels_last on CUDA and
+           AVX-512 CPUs); TF32 on CUDA.
+fast-fp32: the same without autocast (run only where the fast path uses one).
+faithful:  fp32 eager, the original's nn.MultiheadAttention call, two CFG passes, contiguous NCHW, plain AdamW.
 """
 import ddpm  # noqa: F401  (first: it sets the OpenMP spin policy before torch loads OpenMP)
 import argparse
@@ -28,16 +30,13 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ddpm import Diffusion
 from modules import UNet_conditional, set_original_attention
+from utils import autocast_dtype, fast_memory_format, precision_name
 
 CONFIGS = {
     "original": dict(image_size=64, channels=3, base_width=64, batch=12),  # the original repo's setup
     "default": dict(image_size=16, channels=1, base_width=16, batch=64),   # train.py's CPU preset
 }
 NUM_CLASSES = 10
-# channels_last on the CPU, per config, from A/B runs on a 2-core Xeon (AVX-512, torch 2.14): 3-10% faster
-# training at both sizes (oneDNN skips its layout reorders, attention's (b, hw, c) views are free). The issue's
-# AMD probe saw it slightly slower: set --cpu-channels-last off there, or change this after measuring.
-CPU_CHANNELS_LAST = {"original": True, "default": True}
 
 
 def sync(device):
@@ -99,16 +98,16 @@ def make_model(cfg):
 def worker(a):
     """One (config, path) in this process; prints a JSON line."""
     device = torch.device(a.device)
-    cfg, fast, cuda = CONFIGS[a.config], a.path == "fast", device.type == "cuda"
+    cfg, fast, cuda = CONFIGS[a.config], a.path != "faithful", device.type == "cuda"
     if a.threads:
         torch.set_num_threads(a.threads)
+    amp_dtype = autocast_dtype(device) if a.path == "fast" else None
+    amp = amp_dtype is not None
     if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = fast
-    channels_last = fast and (cuda or (CPU_CHANNELS_LAST[a.config] if a.cpu_channels_last == "auto"
-                                       else a.cpu_channels_last == "on"))
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    amp = fast and cuda
-    amp_dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = amp
+    fmt = fast_memory_format(device) if a.channels_last == "auto" else (
+        torch.channels_last if a.channels_last == "on" else torch.contiguous_format)
+    fmt = fmt if fast else torch.contiguous_format
 
     model = make_model(cfg).to(device, memory_format=fmt)
     set_original_attention(model, not fast)
@@ -155,14 +154,15 @@ def worker(a):
         sample_s = timed(sample_step, device, a.steps, a.warmup)
         forward_s = timed(forward, device, a.steps, a.warmup)
     print(json.dumps(dict(train_s=train_s, sample_s=sample_s, forward_s=forward_s, base_gb=base,
-                          train_peak_gb=train_peak, peak_gb=peak_memory_gb(device), channels_last=channels_last,
-                          amp=amp, threads=torch.get_num_threads())))
+                          train_peak_gb=train_peak, peak_gb=peak_memory_gb(device),
+                          channels_last=fmt == torch.channels_last, precision=precision_name(amp_dtype),
+                          threads=torch.get_num_threads())))
 
 
 def run_worker(a, config, path):
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--config", config, "--path", path,
            "--device", a.device, "--steps", str(a.steps), "--warmup", str(a.warmup),
-           "--threads", str(a.threads), "--cpu-channels-last", a.cpu_channels_last]
+           "--threads", str(a.threads), "--channels-last", a.channels_last]
     if a.compile:
         cmd.append("--compile")
     out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
@@ -175,11 +175,12 @@ def main():
     p.add_argument("--steps", type=int, default=3, help="timed iterations (the median is reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed iterations first")
     p.add_argument("--configs", default="original,default", help=f"comma-separated: {', '.join(CONFIGS)}")
-    p.add_argument("--paths", default="fast,faithful", help="comma-separated: fast, faithful")
+    p.add_argument("--paths", default="fast,fast-fp32,faithful",
+                   help="comma-separated: fast, fast-fp32, faithful (fast-fp32 only where fast uses autocast)")
     p.add_argument("--compile", action="store_true", help="torch.compile the fast path's network")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: PyTorch's default)")
-    p.add_argument("--cpu-channels-last", choices=("auto", "on", "off"), default="auto",
-                   help="the fast path's memory format on the CPU (auto: per config, CPU_CHANNELS_LAST)")
+    p.add_argument("--channels-last", choices=("auto", "on", "off"), default="auto",
+                   help="the fast paths' memory format (auto: utils.fast_memory_format)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--config", help=argparse.SUPPRESS)
     p.add_argument("--path", help=argparse.SUPPRESS)
@@ -189,16 +190,17 @@ def main():
 
     device = torch.device(a.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+    amp_dtype = autocast_dtype(device)
     peak32 = matmul_gflops(device)
-    # the fast path's compute dtype sets its peak: bf16 under autocast on CUDA, fp32 on the CPU
-    peak_fast = matmul_gflops(device, torch.bfloat16) if device.type == "cuda" else peak32
+    # each path's compute dtype sets its peak: the autocast dtype's for the fast path, fp32's for the others
+    peak_fast = matmul_gflops(device, amp_dtype) if amp_dtype is not None else peak32
     print(f"device: {device} ({name}), torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')} GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT')}")
     print(f"matmul peak (2048^3): fp32 {peak32:.0f} GFLOP/s" +
-          (f", bf16 {peak_fast:.0f} GFLOP/s" if peak_fast is not peak32 else ""))
+          (f", {str(amp_dtype)[6:]} {peak_fast:.0f} GFLOP/s" if amp_dtype is not None else ""))
     print(f"median of {a.steps} timed iterations after {a.warmup} warmup; FLOPs counted with FlopCounterMode "
           "on the original's attention math (the same function)")
-    paths = a.paths.split(",")
+    paths = [p for p in a.paths.split(",") if p != "fast-fp32" or amp_dtype is not None]
     for config in a.configs.split(","):
         cfg = CONFIGS[config]
         fwd_flops, train_flops = count_flops(cfg)
@@ -214,18 +216,19 @@ def main():
             gf_train = train_flops * n / r["train_s"] / 1e9
             gf_fwd = fwd_flops * n / r["forward_s"] / 1e9
             mem = "max_memory_allocated" if device.type == "cuda" else "peak RSS"
-            print(f"  {path:8s} train {n / r['train_s']:7.2f} img/s ({r['train_s']:.3f} s/step, "
+            print(f"  {path:9s} train {n / r['train_s']:7.2f} img/s ({r['train_s']:.3f} s/step, "
                   f"{gf_train:.0f} GFLOP/s = {gf_train / peak:.0%} of peak)\n"
-                  f"           sample {n / r['sample_s']:7.1f} guided evals/s ({r['sample_s']:.3f} s per CFG step "
+                  f"            sample {n / r['sample_s']:7.1f} guided evals/s ({r['sample_s']:.3f} s per CFG step "
                   f"of {n})\n"
-                  f"           forward {r['forward_s']:.3f} s ({gf_fwd:.0f} GFLOP/s = {gf_fwd / peak:.0%} of peak)\n"
-                  f"           {mem}: training {r['train_peak_gb']:.2f} GB, whole run {r['peak_gb']:.2f} GB, "
-                  f"at start {r['base_gb']:.2f} GB | channels_last={r['channels_last']} amp={r['amp']}")
-        if "fast" in rows and "faithful" in rows:
-            f, o = rows["fast"], rows["faithful"]
-            print(f"  fast/faithful: train {o['train_s'] / f['train_s']:.1f}x, "
-                  f"sample {o['sample_s'] / f['sample_s']:.1f}x, forward {o['forward_s'] / f['forward_s']:.1f}x, "
-                  f"train peak memory {f['train_peak_gb'] / o['train_peak_gb']:.2f}x")
+                  f"            forward {r['forward_s']:.3f} s ({gf_fwd:.0f} GFLOP/s = {gf_fwd / peak:.0%} of peak)\n"
+                  f"            {mem}: training {r['train_peak_gb']:.2f} GB, whole run {r['peak_gb']:.2f} GB, "
+                  f"at start {r['base_gb']:.2f} GB | channels_last={r['channels_last']}, {r['precision']}")
+        for path in ("fast", "fast-fp32"):
+            if path in rows and "faithful" in rows:
+                f, o = rows[path], rows["faithful"]
+                print(f"  {path}/faithful: train {o['train_s'] / f['train_s']:.1f}x, "
+                      f"sample {o['sample_s'] / f['sample_s']:.1f}x, forward {o['forward_s'] / f['forward_s']:.1f}x, "
+                      f"train peak memory {f['train_peak_gb'] / o['train_peak_gb']:.2f}x")
 
 
 def cpu_name():

@@ -4,7 +4,9 @@
 
 OpenMP: the default configuration's training step (UNet_conditional, width 16, 16x16x1, batch 64, fused
 AdamW) in fresh processes, on an idle CPU and with two jobs sharing it; libgomp reads its settings once,
-when torch loads it. bf16: the original's 64x64 batch-12 training step in fp32 and under CPU bf16 autocast.
+when torch loads it. bf16: the default configuration's and the original's (64x64, width 64, batch 12) training
+step in fp32 and under CPU bf16 autocast, contiguous NCHW both: the input to utils.autocast_dtype's choice,
+which takes bf16 only on CPUs with AMX.
 """
 import os
 import subprocess
@@ -53,6 +55,11 @@ if __name__ == "__main__":
     print("| OpenMP setting | idle machine | two such jobs at once |\n|---|---|---|")
     for name, env in SETTINGS:
         print(f"| {name} | {ms_per_step(env, 1, 30):.0f} ms | {ms_per_step(env, 2, 15):.0f} ms |", flush=True)
-    print("\n| the original's training step, 64x64, batch 12 | seconds |\n|---|---|")
-    for name, bf16 in (("fp32", "0"), ("bf16 autocast", "1")):
-        print(f"| {name} | {ms_per_step({}, 1, 2, ORIGINAL + [bf16]) / 1000:.1f} s |", flush=True)
+    import torch
+
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    print(f"\n| training step (this CPU {'has' if amx else 'lacks'} AMX) | fp32 | bf16 autocast |\n|---|---|---|")
+    for name, config, steps in (("default: 16x16x1, width 16, batch 64", DEFAULT[:-1], 30),
+                                ("original: 64x64x3, width 64, batch 12", ORIGINAL, 3)):
+        fp32, bf16 = (ms_per_step({}, 1, steps, config + [b]) for b in ("0", "1"))
+        print(f"| {name} | {fp32:.0f} ms | {bf16:.0f} ms ({fp32 / bf16:.2f}x) |", flush=True)

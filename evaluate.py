@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ddpm import SAMPLERS, to_uint8
-from utils import (IMAGE_EXTENSIONS, UserError, atomic_save, load_checkpoint, make_dataset, option_adder, pick_device,
-                   prepare_mnist)
+from utils import (IMAGE_EXTENSIONS, UserError, atomic_save, autocast_dtype, load_checkpoint, make_dataset,
+                   option_adder, pick_device, prepare_mnist)
 
 CLASSIFIER_VERSION = 1  # bump when the classifier or its training changes: old caches are not reused
 FID_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
@@ -280,6 +280,7 @@ def main(argv=None):
     opt("--channels", type=int, choices=(1, 3), help="default: the checkpoint's, else 1")
     opt("--inception-weights", help=f"pytorch-fid's {FID_WEIGHTS_NAME}: also compute standard FID")
     opt("--device", default="auto")
+    opt("--amp", action=argparse.BooleanOptionalAction, default=True, help="as sample.py's --amp")
     a = p.parse_args(argv)
     try:
         if (a.samples is None) == (a.ckpt is None):
@@ -291,12 +292,13 @@ def main(argv=None):
 
             sa = sample.build_parser().parse_args(
                 ["--ckpt", a.ckpt, "--n", str(a.n), "--sampler", a.sampler, "--eta", str(a.eta),
-                 "--cfg-scale", str(a.cfg_scale), "--seed", str(a.seed), "--device", a.device, "--out", "x.png"]
+                 "--cfg-scale", str(a.cfg_scale), "--seed", str(a.seed), "--device", a.device, "--out", "x.png",
+                 "--amp" if a.amp else "--no-amp"]
                 + (["--labels", a.labels] if a.labels else []) + (["--steps", str(a.steps)] if a.steps else [])
                 + (["--image-size", str(a.image_size)] if a.image_size else []))
             _, model, info, labels, diffusion, _ = sample.resolve(sa)
             images, ys = sample.generate(model, diffusion, sa.n, labels, sa.cfg_scale, sa.sampler, sa.steps,
-                                         sa.eta, sa.seed)
+                                         sa.eta, sa.seed, amp_dtype=autocast_dtype(diffusion.device, sa.amp))
             channels, size = info["channels"], sa.image_size
         else:
             channels = a.channels or 1

@@ -53,6 +53,27 @@ class EMA:
         self.beta, self.step, self.step_start_ema = state["beta"], state["step"], state["step_start_ema"]
 
 
+class CPUBf16Attention(torch.autograd.Function):
+    """Softmax attention for bf16 training on the CPU: PyTorch's fused flash kernel, forward in bf16 and
+    backward in fp32. In torch 2.14 that kernel's bf16 backward runs 1.7x slower than its fp32 one, while its
+    bf16 forward is 1.4x faster (the 64x64 layer, batch 12: 1,135 vs 675 ms and 233 vs 338 ms); the mix cuts
+    the original's 64x64 training step by ~8% against fp32 attention throughout. Gradients as fp32 SDPA's to
+    bf16 rounding (tests/test_speed_paths.py)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        out, logsumexp = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)
+        ctx.save_for_backward(q, k, v, out, logsumexp)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, logsumexp = ctx.saved_tensors
+        grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad_out.float(), q.float(), k.float(), v.float(), out.float(), logsumexp, 0.0, False)
+        return tuple(g.to(torch.bfloat16) for g in grads)
+
+
 class SelfAttention(nn.Module):
     """Pre-norm multi-head self-attention over the pixels, then a pre-norm MLP, both residual.
 
@@ -81,8 +102,11 @@ class SelfAttention(nn.Module):
         b, n, c = x.shape
         q, k, v = F.linear(x, self.mha.in_proj_weight, self.mha.in_proj_bias).chunk(3, dim=-1)
         q, k, v = (z.view(b, n, self.heads, c // self.heads).transpose(1, 2) for z in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c)
-        return self.mha.out_proj(out)
+        if q.dtype == torch.bfloat16 and q.device.type == "cpu" and torch.is_grad_enabled() and q.requires_grad:
+            out = CPUBf16Attention.apply(q, k, v)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v)
+        return self.mha.out_proj(out.transpose(1, 2).reshape(b, n, c))
 
     def forward(self, x):
         b, c, h, w = x.shape

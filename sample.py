@@ -18,7 +18,8 @@ from PIL import Image
 
 from ddpm import SAMPLERS, Diffusion
 from modules import UNet, UNet_conditional
-from utils import UserError, load_checkpoint, load_weights, option_adder, pick_device, save_images, strip_prefixes
+from utils import (UserError, autocast_dtype, load_checkpoint, load_weights, option_adder, pick_device, save_images,
+                   strip_prefixes)
 
 def resolve_ckpt(path):
     """A checkpoint file, or a run folder (models/<run>/): its EMA weights when it has them."""
@@ -102,9 +103,10 @@ def check_out(out):
 
 
 def generate(model, diffusion, n, labels=None, cfg_scale=3.0, sampler="ddim", steps=None, eta=1.0,
-             seed=None, batch_size=500, progress=True):
+             seed=None, batch_size=500, progress=True, amp_dtype=None):
     """n images per label (or n in all without labels) as uint8 (N, C, H, W), label-major, and their labels
-    (None for an unconditional model). The same seed and batch size give the same images."""
+    (None for an unconditional model). The same seed and batch size give the same images. amp_dtype: the
+    network runs under that autocast (utils.autocast_dtype), None for fp32."""
     g = torch.Generator().manual_seed(seed) if seed is not None else None
     all_labels = torch.tensor(labels).repeat_interleave(n) if labels is not None else None
     total = n * len(labels) if labels is not None else n
@@ -112,8 +114,9 @@ def generate(model, diffusion, n, labels=None, cfg_scale=3.0, sampler="ddim", st
     for i in range(0, total, batch_size):
         b = min(batch_size, total - i)
         y = all_labels[i:i + b] if all_labels is not None else None
-        out.append(diffusion.sample(model, b, y, cfg_scale=cfg_scale, sampler=sampler, steps=steps, eta=eta,
-                                    generator=g, progress=progress).cpu())
+        with torch.autocast(diffusion.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            out.append(diffusion.sample(model, b, y, cfg_scale=cfg_scale, sampler=sampler, steps=steps, eta=eta,
+                                        generator=g, progress=progress).cpu())
     return torch.cat(out), all_labels
 
 
@@ -149,6 +152,8 @@ def build_parser():
     opt("--noise-steps", type=int, help="the T the model was trained with (default: the run's, else 1000)")
     opt("--batch-size", type=int, default=500, help="images per sampling batch")
     opt("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    opt("--amp", action=argparse.BooleanOptionalAction, default=True,
+        help="bf16 autocast on CUDA and AMX CPUs (fp16 on CUDA without bf16); --no-amp: fp32")
     opt("--out", default="samples.png", help="x.png: a grid; dir/ or an existing folder: single PNGs")
     opt("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -195,7 +200,7 @@ def main(argv=None):
     try:
         ckpt, model, info, labels, diffusion, as_dir = resolve(a)
         images, ys = generate(model, diffusion, a.n, labels, a.cfg_scale, a.sampler, a.steps, a.eta, a.seed,
-                              a.batch_size, progress=not a.no_progress)
+                              a.batch_size, not a.no_progress, autocast_dtype(diffusion.device, a.amp))
         nrow = a.n if labels is not None and a.n <= 16 else min(16, len(images))
         write(images, ys, a.out, as_dir, nrow)
     except UserError as e:

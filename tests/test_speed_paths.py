@@ -108,3 +108,59 @@ def test_compile_matches_eager():
         pytest.skip(f"torch.compile cannot build here: {type(e).__name__}: {str(e)[:200]}")
     with torch.no_grad():
         torch.testing.assert_close(out, model(x, t, y), rtol=1e-4, atol=1e-5)
+
+
+def rel_err(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def test_cpu_bf16_attention_gradients_match_fp32():
+    # bf16 forward kernel, fp32 backward kernel: fp32 SDPA's outputs and gradients to bf16 rounding
+    from modules import CPUBf16Attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v, grad = (torch.randn(2, 4, 64, 16, generator=g) for _ in range(4))
+    q32, k32, v32 = (z.clone().requires_grad_() for z in (q, k, v))
+    F.scaled_dot_product_attention(q32, k32, v32).backward(grad)
+    q16, k16, v16 = (z.bfloat16().requires_grad_() for z in (q, k, v))
+    out = CPUBf16Attention.apply(q16, k16, v16)
+    out.backward(grad.bfloat16())
+    assert out.dtype == q16.grad.dtype == torch.bfloat16
+    assert rel_err(out, F.scaled_dot_product_attention(q, k, v)) < 1e-2
+    for a, b in ((q16, q32), (k16, k32), (v16, v32)):
+        assert rel_err(a.grad, b.grad) < 2e-2
+
+
+def test_cpu_bf16_autocast_close_to_faithful():
+    # the fast path under bf16 autocast (AMX CPUs) against the faithful fp32 path: close, not equal. bf16's
+    # 8-bit mantissa alone moves this tiny net's deepest gradients by ~25% (the faithful path under autocast
+    # does the same), so the bar is: near fp32 overall, and no more error than bf16 puts on the faithful path.
+    model = tiny()
+    x, t, y = inputs()
+    out_orig, g_orig = grads(set_original_attention(model), x, t, y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, g_orig_bf16 = grads(model, x, t, y)
+    set_original_attention(model, False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out_fast, g_fast = grads(model, x.contiguous(memory_format=torch.channels_last), t, y)
+    assert out_fast.dtype == torch.bfloat16  # autocast really ran
+    assert rel_err(out_fast, out_orig) < 3e-2
+    assert rel_err(torch.cat([g.flatten() for g in g_fast]), torch.cat([g.flatten() for g in g_orig])) < 0.1
+    fast_err = sum(rel_err(a, b) for a, b in zip(g_fast, g_orig)) / len(g_orig)
+    bf16_err = sum(rel_err(a, b) for a, b in zip(g_orig_bf16, g_orig)) / len(g_orig)
+    assert fast_err < 1.5 * bf16_err + 1e-3, (fast_err, bf16_err)
+
+
+def test_precision_and_layout_are_chosen_per_device(monkeypatch):
+    import utils
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(utils, "cpu_has_amx_bf16", lambda: True)
+    assert utils.autocast_dtype(cpu) == torch.bfloat16 and utils.autocast_dtype(cpu, amp=False) is None
+    monkeypatch.setattr(utils, "cpu_has_amx_bf16", lambda: False)  # emulated bf16: ~75x slower, so fp32
+    assert utils.autocast_dtype(cpu) is None
+    assert utils.autocast_dtype(torch.device("mps")) is None
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert utils.fast_memory_format(cpu) == torch.contiguous_format
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    assert utils.fast_memory_format(cpu) == torch.channels_last

@@ -114,3 +114,19 @@ def test_cosine_schedule_decays_the_lr(image_folder, in_tmp):
                        "--lr-schedule", "cosine", *TINY])
     lr = load_checkpoint("models/cos/optim.pt")["param_groups"][0]["lr"]
     assert 0 < lr < 0.1e-3  # the last of 6 steps: 1e-3 * (1 + cos(pi * 5/6)) / 2
+
+
+def test_amp_follows_the_device_choice(image_folder, in_tmp, monkeypatch, capsys):
+    # bf16 autocast where utils.autocast_dtype picks it (forced here, so that any CPU runs this path), fp32
+    # with --no-amp: the runs differ, both train to finite weights, and each says which precision it used
+    import train
+    import utils
+
+    monkeypatch.setattr(utils, "cpu_has_amx_bf16", lambda: True)
+    sds = []
+    for name, flag in (("bf16", "--amp"), ("fp32", "--no-amp")):
+        train.main(True, ["--dataset-path", image_folder, "--epochs", "1", "--run-name", name, flag, *TINY])
+        assert ("bf16 autocast" if name == "bf16" else "fp32") in capsys.readouterr().out
+        sds.append(load_checkpoint(f"models/{name}/ckpt.pt"))
+    assert all(v.dtype == torch.float32 and v.isfinite().all() for v in sds[0].values() if v.is_floating_point())
+    assert not all(torch.equal(sds[0][k], sds[1][k]) for k in sds[0])
