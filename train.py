@@ -245,6 +245,16 @@ def sample_grid(a, diffusion, model, device):
                                 steps=a.sample_steps, eta=a.eta, generator=g)
 
 
+def match_state_layout(optimizer):
+    """Give each optimizer state tensor its parameter's memory layout. A run saved from a channels_last model
+    resumed in NCHW (or the reverse: another machine, see utils.fast_memory_format) would otherwise feed fused
+    AdamW tensors of different strides, and torch 2.14's CPU kernel then takes wrong steps without a word."""
+    for p, state in optimizer.state.items():
+        for k, v in state.items():
+            if torch.is_tensor(v) and v.shape == p.shape and v.stride() != p.stride():
+                state[k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
+
+
 def save_run(a, model, ema_model, ema, optimizer, scaler, epoch, step_in_epoch, global_step):
     """ckpt.pt, ema_ckpt.pt and optim.pt are plain state_dicts as in the original; state.pt holds the rest
     that resuming needs. Each file is replaced atomically; state.pt goes last."""
@@ -307,6 +317,7 @@ def train(a, saved=None, stop=None):
             load_weights(ema_model, load_checkpoint(os.path.join(d, "ema_ckpt.pt")), "ema_ckpt.pt")
             ema.load_state_dict(saved["ema"])
         optimizer.load_state_dict(load_checkpoint(os.path.join(d, "optim.pt")))
+        match_state_layout(optimizer)
         scaler.load_state_dict(saved["scaler"])
         start_epoch, skip, global_step = saved["epoch"], saved["step_in_epoch"], saved["global_step"]
         if saved["rng"] is not None and world == 1:

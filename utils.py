@@ -258,10 +258,12 @@ def setup_logging(run_name):
 
 
 def cpu_state_dict(module):
-    """A state_dict of CPU tensors without wrapper prefixes, loadable anywhere without map_location."""
+    """A state_dict of contiguous CPU tensors (also from a channels_last model) without wrapper prefixes,
+    loadable anywhere without map_location."""
     from ddpm import unwrap
 
-    return {k: v.detach().cpu().clone() for k, v in unwrap(module).state_dict().items()}
+    return {k: v.detach().to("cpu", memory_format=torch.contiguous_format, copy=True)
+            for k, v in unwrap(module).state_dict().items()}
 
 
 def atomic_save(obj, path):

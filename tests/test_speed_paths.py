@@ -1,4 +1,5 @@
 """The fast paths compute what the faithful path computes (fp32 on the CPU, tiny sizes so this runs in seconds)."""
+import copy
 import os
 from pathlib import Path
 
@@ -164,3 +165,36 @@ def test_precision_and_layout_are_chosen_per_device(monkeypatch):
     assert utils.fast_memory_format(cpu) == torch.contiguous_format
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     assert utils.fast_memory_format(cpu) == torch.channels_last
+
+
+@pytest.mark.parametrize("saved, resumed", [(torch.channels_last, torch.contiguous_format),
+                                            (torch.contiguous_format, torch.channels_last)])
+def test_resumed_fused_adamw_state_follows_the_parameter_layout(saved, resumed):
+    # optim.pt keeps the saving model's layout; fused AdamW mis-steps when state and parameter strides differ
+    from train import match_state_layout
+
+    x = torch.randn(2, 4, 8, 8)
+
+    def model_and_optimizer(fmt):
+        torch.manual_seed(0)
+        m = torch.nn.Conv2d(4, 8, 3).to(memory_format=fmt)
+        return m, torch.optim.AdamW(m.parameters(), lr=1e-2, fused=True)
+
+    def step(m, opt):
+        opt.zero_grad()
+        m(x).square().mean().backward()
+        opt.step()
+
+    m, opt = model_and_optimizer(saved)
+    step(m, opt)
+    reference = copy.deepcopy(m).to(memory_format=resumed)
+    reference_opt = torch.optim.AdamW(reference.parameters(), lr=1e-2)
+    reference_opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # as from disk: no shared state tensors
+    reference_opt.param_groups[0]["fused"] = False  # the per-tensor loop: strides do not matter to it
+    step(reference, reference_opt)
+    m2, opt2 = model_and_optimizer(resumed)
+    m2.load_state_dict(m.state_dict())
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
+    match_state_layout(opt2)
+    step(m2, opt2)
+    torch.testing.assert_close(m2.weight, reference.weight, rtol=1e-5, atol=1e-6)

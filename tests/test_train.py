@@ -123,10 +123,12 @@ def test_amp_follows_the_device_choice(image_folder, in_tmp, monkeypatch, capsys
     import utils
 
     monkeypatch.setattr(utils, "cpu_has_amx_bf16", lambda: True)
+    monkeypatch.setattr(train, "fast_memory_format", lambda device: torch.channels_last)
     sds = []
     for name, flag in (("bf16", "--amp"), ("fp32", "--no-amp")):
         train.main(True, ["--dataset-path", image_folder, "--epochs", "1", "--run-name", name, flag, *TINY])
         assert ("bf16 autocast" if name == "bf16" else "fp32") in capsys.readouterr().out
         sds.append(load_checkpoint(f"models/{name}/ckpt.pt"))
     assert all(v.dtype == torch.float32 and v.isfinite().all() for v in sds[0].values() if v.is_floating_point())
+    assert all(v.is_contiguous() for sd in sds for v in sd.values())  # plain tensors, whatever the training layout
     assert not all(torch.equal(sds[0][k], sds[1][k]) for k in sds[0])
