@@ -69,8 +69,8 @@ class CPUBf16Attention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, out, logsumexp = ctx.saved_tensors
-        grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            grad_out.float(), q.float(), k.float(), v.float(), out.float(), logsumexp, 0.0, False)
+        fp32 = [z.to(torch.float32, memory_format=torch.contiguous_format) for z in (grad_out, q, k, v, out)]
+        grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(*fp32, logsumexp, 0.0, False)
         return tuple(g.to(torch.bfloat16) for g in grads)
 
 
