@@ -89,6 +89,26 @@ def test_same_seed_same_images_and_underscore_aliases(tmp_path, capsys):
     assert not np.array_equal(outs[0], outs[2])
 
 
+def test_amp_flag_sets_the_networks_precision(tmp_path, capsys, monkeypatch):
+    import utils
+
+    monkeypatch.setattr(utils, "cpu_has_amx_bf16", lambda: True)  # as on an AMX CPU, whatever this one is
+    ckpt = make_run(tmp_path / "run")
+    dtypes, real_generate = {}, sample.generate
+
+    def spy(model, *args, **kwargs):
+        seen = dtypes.setdefault(len(dtypes), set())
+        model.outc.register_forward_hook(lambda module, inputs, output: seen.add(output.dtype))
+        return real_generate(model, *args, **kwargs)
+
+    monkeypatch.setattr(sample, "generate", spy)
+    for flag in ("--amp", "--no-amp"):
+        code, _, _ = run(["--ckpt", str(ckpt), "--labels", "1", "--n", "2", "--steps", "2", flag,
+                          "--out", str(tmp_path / "g.png")], capsys)
+        assert code == 0
+    assert dtypes == {0: {torch.bfloat16}, 1: {torch.float32}}
+
+
 @pytest.mark.parametrize("case", ["missing", "label_range", "uncond_labels", "size", "unwritable", "bad_labels",
                                   "ddpm_steps"])
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys, case):
