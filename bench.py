@@ -197,7 +197,7 @@ def main():
     print(f"device: {device} ({name}), torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')} GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT')}")
     print(f"matmul peak (2048^3): fp32 {peak32:.0f} GFLOP/s" +
-          (f", {str(amp_dtype)[6:]} {peak_fast:.0f} GFLOP/s" if amp_dtype is not None else ""))
+          (f", {precision_name(amp_dtype).split()[0]} {peak_fast:.0f} GFLOP/s" if amp_dtype is not None else ""))
     print(f"median of {a.steps} timed iterations after {a.warmup} warmup; FLOPs counted with FlopCounterMode "
           "on the original's attention math (the same function)")
     paths = [p for p in a.paths.split(",") if p != "fast-fp32" or amp_dtype is not None]

@@ -55,9 +55,9 @@ if __name__ == "__main__":
     print("| OpenMP setting | idle machine | two such jobs at once |\n|---|---|---|")
     for name, env in SETTINGS:
         print(f"| {name} | {ms_per_step(env, 1, 30):.0f} ms | {ms_per_step(env, 2, 15):.0f} ms |", flush=True)
-    import torch
+    from utils import cpu_has_amx_bf16
 
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    amx = cpu_has_amx_bf16()
     print(f"\n| training step (this CPU {'has' if amx else 'lacks'} AMX) | fp32 | bf16 autocast |\n|---|---|---|")
     for name, config, steps in (("default: 16x16x1, width 16, batch 64", DEFAULT[:-1], 30),
                                 ("original: 64x64x3, width 64, batch 12", ORIGINAL, 3)):
