@@ -112,7 +112,8 @@ def test_compile_matches_eager():
 
 
 def rel_err(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+    a, b = a.float().cpu(), b.float().cpu()
+    return ((a - b).norm() / b.norm()).item()
 
 
 def test_cpu_bf16_attention_gradients_match_fp32():
@@ -132,17 +133,21 @@ def test_cpu_bf16_attention_gradients_match_fp32():
         assert rel_err(a.grad, b.grad) < 2e-2
 
 
-def test_cpu_bf16_autocast_close_to_faithful():
-    # the fast path under bf16 autocast (AMX CPUs) against the faithful fp32 path: close, not equal. bf16's
-    # 8-bit mantissa alone moves this tiny net's deepest gradients by ~25% (the faithful path under autocast
-    # does the same), so the bar is: near fp32 overall, and no more error than bf16 puts on the faithful path.
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device here"))])
+def test_bf16_autocast_close_to_faithful(device):
+    # the fast path under bf16 autocast (CUDA, AMX CPUs) against the faithful fp32 path on the CPU: close, not
+    # equal. bf16's 8-bit mantissa alone moves this tiny net's deepest gradients by ~25% (the faithful path
+    # under autocast does the same), so the bar is: near fp32 overall, and no more error than bf16 puts on the
+    # faithful path.
     model = tiny()
     x, t, y = inputs()
     out_orig, g_orig = grads(set_original_attention(model), x, t, y)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    model, x, t, y = model.to(device), x.to(device), t.to(device), y.to(device)
+    with torch.autocast(device, dtype=torch.bfloat16):
         _, g_orig_bf16 = grads(model, x, t, y)
-    set_original_attention(model, False)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    model = set_original_attention(model, False).to(memory_format=torch.channels_last)
+    with torch.autocast(device, dtype=torch.bfloat16):
         out_fast, g_fast = grads(model, x.contiguous(memory_format=torch.channels_last), t, y)
     assert out_fast.dtype == torch.bfloat16  # autocast really ran
     assert rel_err(out_fast, out_orig) < 3e-2
