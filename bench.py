@@ -7,6 +7,7 @@ subprocess, because a process's peak RSS never goes down.
     python bench.py                                  # both configs, CPU or the default device
     python bench.py --configs original --steps 3 --warmup 1
     python bench.py --device cuda --compile
+    python bench.py --configs original --paths fast,fast-fp32 --profile   # where each path's step goes
 
 fast:      what train.py runs: SDPA attention, batched CFG (one pass over 2n images), torch.inference_mode
            for sampling, fused AdamW (4x cheaper on the CPU), and the per-device choices of utils.py:
@@ -137,6 +138,15 @@ def worker(a):
     train_s = timed(train_step, device, a.steps, a.warmup)
     train_peak = peak_memory_gb(device)
 
+    if a.profile:  # one more training step, op by op, to stderr (stdout carries the JSON line)
+        from torch.profiler import profile
+
+        with profile() as prof:
+            train_step()
+        print(f"[{a.config}, {a.path}] one training step, by operator:\n"
+              + prof.key_averages().table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total",
+                                          row_limit=15), file=sys.stderr)
+
     model.eval()
     x = torch.randn(n, c, s, s, device=device).contiguous(memory_format=fmt)
     t = torch.full((n,), 500, device=device, dtype=torch.long)
@@ -163,8 +173,7 @@ def run_worker(a, config, path):
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--config", config, "--path", path,
            "--device", a.device, "--steps", str(a.steps), "--warmup", str(a.warmup),
            "--threads", str(a.threads), "--channels-last", a.channels_last]
-    if a.compile:
-        cmd.append("--compile")
+    cmd += ["--compile"] * a.compile + ["--profile"] * a.profile
     out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -178,6 +187,7 @@ def main():
     p.add_argument("--paths", default="fast,fast-fp32,faithful",
                    help="comma-separated: fast, fast-fp32, faithful (fast-fp32 only where fast uses autocast)")
     p.add_argument("--compile", action="store_true", help="torch.compile the fast path's network")
+    p.add_argument("--profile", action="store_true", help="also print each path's training step by operator")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: PyTorch's default)")
     p.add_argument("--channels-last", choices=("auto", "on", "off"), default="auto",
                    help="the fast paths' memory format (auto: utils.fast_memory_format)")

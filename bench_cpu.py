@@ -6,7 +6,8 @@ OpenMP: the default configuration's training step (UNet_conditional, width 16, 1
 AdamW) in fresh processes, on an idle CPU and with two jobs sharing it; libgomp reads its settings once,
 when torch loads it. bf16: the default configuration's and the original's (64x64, width 64, batch 12) training
 step in fp32 and under CPU bf16 autocast, contiguous NCHW both: the input to utils.autocast_dtype's choice,
-which takes bf16 only on CPUs with AMX.
+which takes bf16 only on CPUs with AMX; and the 64x64 attention layer's forward and backward in fp32, bf16, and
+as modules.CPUBf16Attention runs it.
 """
 import os
 import subprocess
@@ -38,6 +39,22 @@ for _ in range(steps):
     step()
 print((time.perf_counter() - t0) / steps)
 """
+ATTENTION = """
+import ddpm, time, torch
+import torch.nn.functional as F
+from modules import CPUBf16Attention
+def sdpa(q, k, v):
+    return F.scaled_dot_product_attention(q, k, v)
+for name, fn, dtype in (("SDPA, fp32", sdpa, torch.float32), ("SDPA, bf16", sdpa, torch.bfloat16),
+                        ("CPUBf16Attention (bf16 forward, fp32 backward)", CPUBf16Attention.apply, torch.bfloat16)):
+    q, k, v, g = (torch.randn(12, 4, 4096, 16, dtype=dtype, requires_grad=i < 3) for i in range(4))
+    times = []
+    for _ in range(4):  # the first is a warm-up
+        t0 = time.perf_counter(); out = fn(q, k, v); t1 = time.perf_counter(); out.backward(g)
+        times.append((t1 - t0, time.perf_counter() - t1))
+    fwd, bwd = sorted(times[1:])[1]
+    print(f"| {name} | {1000 * fwd:.0f} ms | {1000 * bwd:.0f} ms |", flush=True)
+"""
 DEFAULT = ["16", "1", "16", "64", "0"]  # size, channels, width, batch, bf16
 ORIGINAL = ["64", "3", "64", "12"]
 
@@ -63,3 +80,6 @@ if __name__ == "__main__":
                                 ("original: 64x64x3, width 64, batch 12", ORIGINAL, 3)):
         fp32, bf16 = (ms_per_step({}, 1, steps, config + [b]) for b in ("0", "1"))
         print(f"| {name} | {fp32:.0f} ms | {bf16:.0f} ms ({fp32 / bf16:.2f}x) |", flush=True)
+    print("\n| attention of the 64x64 layer, batch 12 (4 heads of 16, 4,096 tokens) | forward | backward |\n"
+          "|---|---|---|", flush=True)
+    subprocess.run([sys.executable, "-c", ATTENTION], check=True, cwd=os.path.dirname(os.path.abspath(__file__)))
