@@ -55,7 +55,7 @@ class EMA:
 
 class CPUBf16Attention(torch.autograd.Function):
     """Softmax attention for bf16 training on the CPU: PyTorch's fused flash kernel, forward in bf16 and
-    backward in fp32. In torch 2.14 that kernel's bf16 backward runs 1.8x slower than its fp32 one, while its
+    backward in fp32. In torch 2.14 that kernel's bf16 backward runs 1.5-1.8x slower than its fp32 one, while its
     bf16 forward is 1.4x faster (the 64x64 layer at batch 12: python bench_cpu.py); the mix cuts the original's
     64x64 training step by ~6% against fp32 attention throughout. Gradients as fp32 SDPA's to
     bf16 rounding (tests/test_speed_paths.py)."""
