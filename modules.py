@@ -53,6 +53,10 @@ class EMA:
         self.beta, self.step, self.step_start_ema = state["beta"], state["step"], state["step_start_ema"]
 
 
+# the private kernels CPUBf16Attention calls (in torch 2.11 and 2.14); without them CPU bf16 training uses plain SDPA
+HAS_CPU_FLASH_BACKWARD = hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward")
+
+
 class CPUBf16Attention(torch.autograd.Function):
     """Softmax attention for bf16 training on the CPU: PyTorch's fused flash kernel, forward in bf16 and
     backward in fp32. In torch 2.14 that kernel's bf16 backward runs 1.5-1.8x slower than its fp32 one, while its
@@ -102,7 +106,7 @@ class SelfAttention(nn.Module):
         b, n, c = x.shape
         q, k, v = F.linear(x, self.mha.in_proj_weight, self.mha.in_proj_bias).chunk(3, dim=-1)
         q, k, v = (z.view(b, n, self.heads, c // self.heads).transpose(1, 2) for z in (q, k, v))
-        if q.dtype == torch.bfloat16 and q.device.type == "cpu" and torch.is_grad_enabled() and q.requires_grad:
+        if q.dtype == torch.bfloat16 and q.device.type == "cpu" and q.requires_grad and HAS_CPU_FLASH_BACKWARD:
             out = CPUBf16Attention.apply(q, k, v)
         else:
             out = F.scaled_dot_product_attention(q, k, v)
