@@ -53,7 +53,7 @@ class EMA:
         self.beta, self.step, self.step_start_ema = state["beta"], state["step"], state["step_start_ema"]
 
 
-# the private kernels CPUBf16Attention calls (in torch 2.11 and 2.14); without them CPU bf16 training uses plain SDPA
+# the private kernels CPUBf16Attention calls (torch 2.14 has them); without them CPU bf16 training uses plain SDPA
 HAS_CPU_FLASH_BACKWARD = hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward")
 
 
