@@ -334,7 +334,8 @@ def train(a, saved=None, stop=None):
     logger = SummaryWriter(os.path.join("runs", a.run_name)) if rank == 0 else None
     if rank == 0:
         print(f"run {a.run_name}: {len(dataloader.dataset)} images from {a.dataset_path}, {device}, "
-              f"{world} process(es) x batch {a.batch_size}, {precision_name(amp_dtype)}; outputs in runs/, results/, models/{a.run_name}/")
+              f"{world} process(es) x batch {a.batch_size}, {precision_name(amp_dtype)}; "
+              f"outputs in runs/, results/, models/{a.run_name}/")
     steps_per_epoch = len(dataloader)
 
     for epoch in range(start_epoch, a.epochs):
