@@ -52,7 +52,10 @@ def test_two_processes_train_and_resume_like_one(tmp_path):
                 # up to lr-sized steps, so only the query and value biases are comparable
                 c = len(a) // 3
                 a, b = torch.cat([a[:c], a[2 * c:]]), torch.cat([b[:c], b[2 * c:]])
-            assert torch.allclose(a, b, atol=1e-4, rtol=1e-3), (f, k)
+            # 8 AdamW steps at lr 2e-3: Adam turns rounding differences in near-zero gradient elements into
+            # steps of up to lr (2e-4 seen on one AVX-512 CPU), so allow a quarter of one step; a wrong batch
+            # split or shared noise moves weights by several steps
+            assert torch.allclose(a, b, atol=5e-4, rtol=1e-3), (f, k)
     state = load_checkpoint(str(tmp_path / "models" / "ddp" / "state.pt"))
     assert state["global_step"] == 2 * (16 // 4)  # 16 images, a global batch of 2 x 2
     model = load_weights(UNet_conditional(3, 3, num_classes=10, base_width=8), ddp["ema_ckpt.pt"])

@@ -91,8 +91,13 @@ def test_fused_adamw_matches_plain():
             opt.zero_grad(set_to_none=True)
             F.mse_loss(m(x, t, y), x).backward()
             opt.step()
-    # Adam turns rounding differences in tiny gradients into steps of up to lr: allow 2% of the 3 steps' lr
-    for a, b in zip(models[0].parameters(), models[1].parameters()):
+    # Adam turns rounding differences in tiny gradients into steps of up to lr: allow 2% of the 3 steps' lr.
+    # The attention key biases cannot change softmax(QK^T): their gradient is pure rounding noise, which Adam
+    # scales up to lr-sized steps, so only the query and value thirds are compared.
+    for (name, a), b in zip(models[0].named_parameters(), models[1].parameters()):
+        if name.endswith("in_proj_bias"):
+            c = len(a) // 3
+            a, b = torch.cat([a[:c], a[2 * c:]]), torch.cat([b[:c], b[2 * c:]])
         torch.testing.assert_close(a, b, rtol=1e-4, atol=6e-5)
 
 
