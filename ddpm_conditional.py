@@ -1,9 +1,10 @@
-"""Class-conditional DDPM with EMA and classifier-free guidance (Ho & Salimans 2022).
+"""`python ddpm_conditional.py` trains UNet_conditional, with EMA and classifier-free guidance (Ho & Salimans
+2022), through train.py (`python ddpm_conditional.py --help` lists the options).
 
-`python ddpm_conditional.py` trains UNet_conditional (see train.py and `python ddpm_conditional.py --help`).
-The diffusion process is ddpm.Diffusion, re-exported here for the original's imports.
+`Diffusion` (diffusion.py) is re-exported here for the original's `from ddpm_conditional import Diffusion`.
 """
-from ddpm import Diffusion  # noqa: F401  (the original's `from ddpm_conditional import Diffusion`)
+import hardware  # noqa: F401  (first: it sets the OpenMP spin before torch loads)
+from diffusion import Diffusion  # noqa: F401
 
 if __name__ == "__main__":
     import train

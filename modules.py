@@ -258,6 +258,13 @@ class UNet_conditional(UNet):
         return self.unet_forward(x, t)
 
 
+def unwrap(model):
+    """The plain network behind DDP (`.module`) and torch.compile (`._orig_mod`) wrappers."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or model._orig_mod
+    return model
+
+
 def set_original_attention(model, enabled=True):
     """Switch every SelfAttention of `model` to (or back from) the original's nn.MultiheadAttention call."""
     for m in model.modules():

@@ -1,4 +1,4 @@
-"""Data, images and checkpoint files: the helpers the training scripts and users' scripts share."""
+"""Data and images: the helpers the training scripts and users' scripts share; the input error they raise."""
 import os
 import sys
 import time
@@ -64,20 +64,21 @@ def save_images(images, path, **kwargs):
 
 # ---- data --------------------------------------------------------------------------------------------
 
-def _image_size(args):
-    s = args.image_size
-    return (s, s) if isinstance(s, int) else tuple(s)
+def transforms_for(image_size, channels, crop):
+    """Images to [-1, 1] tensors of `image_size` (an int or (H, W)) and `channels`.
 
-
-def transforms_for(args):
-    """Resize to 5/4 of the image size, random crop back to it, scale to [-1, 1]: what the original's
-    hard-coded Resize(80) meant at 64x64, for any size."""
-    h, w = _image_size(args)
-    channels = getattr(args, "channels", 3)
-    resize = round(h * 5 / 4) if h == w else (round(h * 5 / 4), round(w * 5 / 4))  # square: shorter side
-    return T.Compose([T.Grayscale(1)] * (channels == 1) + [
-        T.Resize(resize, antialias=True),
-        T.RandomResizedCrop((h, w), scale=(0.8, 1.0)),
+    crop "center": resize the shorter side, centre crop (the DDPM/ADM standard; the model learns the images
+    as they are). "random": the original's augmentation, resize to 5/4 and a random crop of 80-100% of the
+    area (what its hard-coded Resize(80) meant at 64x64); samples then come out zoomed in, as its crops are."""
+    h, w = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    if crop == "center":
+        geometry = [T.Resize(max(h, w), antialias=True), T.CenterCrop((h, w))]
+    elif crop == "random":
+        resize = round(h * 5 / 4) if h == w else (round(h * 5 / 4), round(w * 5 / 4))  # square: shorter side
+        geometry = [T.Resize(resize, antialias=True), T.RandomResizedCrop((h, w), scale=(0.8, 1.0))]
+    else:
+        raise UserError(f"--crop {crop}: choose center or random")
+    return T.Compose([T.Grayscale(1)] * (channels == 1) + geometry + [
         T.ToTensor(),
         T.Normalize([0.5] * channels, [0.5] * channels),
     ])
@@ -107,14 +108,13 @@ class FlatImageFolder(Dataset):
         return (self.transform(img) if self.transform else img), 0
 
 
-def make_dataset(args):
+def make_dataset(root, image_size, channels, crop):
     """An ImageFolder (one subfolder per class), or a flat folder of images (one class)."""
-    root = args.dataset_path
     if not os.path.isdir(root):
         raise UserError(f"--dataset-path {root}: no such folder; point it at a folder of images "
                         "(one subfolder per class for conditional training)")
     subdirs = [d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and not d.startswith(".")]
-    transform = transforms_for(args)
+    transform = transforms_for(image_size, channels, crop)
     if subdirs:
         try:
             dataset = torchvision.datasets.ImageFolder(root, transform=transform, loader=load_image)
@@ -152,8 +152,11 @@ class EpochSampler(torch.utils.data.Sampler):
 
 
 def get_data(args, shuffle=True):
-    """A DataLoader over args.dataset_path as in the original; sharded per rank under torch.distributed."""
-    dataset = make_dataset(args)
+    """A DataLoader over args.dataset_path as in the original (args: a config.RunConfig or any object with
+    dataset_path, image_size, batch_size; channels, crop, num_workers, seed optional); sharded per rank under
+    torch.distributed."""
+    dataset = make_dataset(args.dataset_path, args.image_size, getattr(args, "channels", None) or 3,
+                           getattr(args, "crop", "random"))
     workers = getattr(args, "num_workers", 0) or 0
     rank, world = 0, 1
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -198,134 +201,6 @@ def prepare_mnist(root="data/mnist"):
     return root
 
 
-# ---- runs and checkpoints ----------------------------------------------------------------------------
-
-def pick_device(name):
-    if name in (None, "auto"):
-        from ddpm import default_device
-
-        return default_device()
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device {name}: unknown device; use auto, cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError(f"--device {name}: MPS is not available on this machine; use --device cpu")
-    if device.type not in ("cpu", "cuda", "mps"):
-        raise UserError(f"--device {name}: unsupported; use auto, cpu, cuda, cuda:N or mps")
-    return device
-
-
-def cpu_has_amx_bf16():
-    is_amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-    is_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
-    return is_amx() and is_bf16()
-
-
-def autocast_dtype(device, amp=True):
-    """The fast path's autocast dtype on `device`, or None for fp32; a per-device choice, from measurements.
-    CUDA: bf16, or fp16 (with a GradScaler) where bf16 is missing. CPU: bf16 only with AMX, where oneDNN's bf16
-    convolutions run ~4x faster than fp32 ones (the 64x64 training step: 1.8 vs 3.0 s, bench.py); without it
-    bf16 is emulated, ~75x slower on the issue's AVX2 EPYC. MPS: fp32 (never measured)."""
-    if not amp:
-        return None
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "cpu" and cpu_has_amx_bf16():
-        return torch.bfloat16
-    return None
-
-
-def precision_name(dtype):
-    return {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast"}[dtype]
-
-
-def fast_memory_format(device):
-    """channels_last on CUDA and on AVX-512 CPUs (oneDNN skips its layout reorders: 3-10% faster training on a
-    2-core Xeon, bench.py); contiguous elsewhere (slightly slower on the issue's AVX2 EPYC)."""
-    if device.type == "cuda" or (device.type == "cpu" and torch.backends.cpu.get_cpu_capability() == "AVX512"):
-        return torch.channels_last
-    return torch.contiguous_format
-
-
 def setup_logging(run_name):
     for top in ("models", "results", "runs"):
         os.makedirs(os.path.join(top, run_name), exist_ok=True)
-
-
-def cpu_state_dict(module):
-    """A state_dict of contiguous CPU tensors (also from a channels_last model) without wrapper prefixes,
-    loadable anywhere without map_location."""
-    from ddpm import unwrap
-
-    return {k: v.detach().to("cpu", memory_format=torch.contiguous_format, copy=True)
-            for k, v in unwrap(module).state_dict().items()}
-
-
-def atomic_save(obj, path):
-    """torch.save through a temporary file, fsync and os.replace: a crash mid-save leaves the old file."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def load_checkpoint(path):
-    """torch.load with weights_only=True (no pickled code runs), onto the CPU."""
-    if not os.path.isfile(path):
-        raise UserError(f"checkpoint {path} does not exist")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
-            raise UserError(f"checkpoint {path} holds pickled objects, refused for safety: save a plain "
-                            "state_dict, or load it yourself only if you trust its source") from None
-        raise UserError(f"checkpoint {path} cannot be read ({type(e).__name__}): is it complete?") from None
-
-
-def strip_prefixes(state_dict):
-    """Drop the `module.` (DDP) and `_orig_mod.` (torch.compile) prefixes some checkpoints carry."""
-    out = {}
-    for k, v in state_dict.items():
-        while k.startswith(("module.", "_orig_mod.")):
-            k = k.split(".", 1)[1]
-        out[k] = v
-    return out
-
-
-def load_weights(model, state_dict, source="checkpoint"):
-    """load_state_dict(strict=True) that explains a mismatch in one line instead of a page of keys."""
-    state_dict = strip_prefixes(state_dict)
-    own = model.state_dict()
-    missing = [k for k in own if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in own]
-    wrong = [k for k in own if k in state_dict and tuple(own[k].shape) != tuple(state_dict[k].shape)]
-    if missing or unexpected or wrong:
-        hints = []
-        if "label_emb.weight" in missing:
-            hints.append("the checkpoint is unconditional: use UNet / ddpm.py")
-        if "label_emb.weight" in unexpected:
-            hints.append("the checkpoint is class-conditional: use UNet_conditional / ddpm_conditional.py")
-        if "label_emb.weight" in wrong:
-            hints.append(f"--num-classes should be {state_dict['label_emb.weight'].shape[0]}")
-        if "inc.double_conv.0.weight" in wrong:
-            w = state_dict["inc.double_conv.0.weight"].shape
-            hints.append(f"the checkpoint has base width {w[0]} and {w[1]} input channels")
-        if not hints:
-            hints.append("check --channels, --base-width and --num-classes")
-        detail = "; ".join(f"{name}: {', '.join(ks[:3])}{' ...' if len(ks) > 3 else ''}" for name, ks in
-                           (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if ks)
-        raise UserError(f"{source} does not fit the network ({detail}): {'; '.join(hints)}")
-    model.load_state_dict(state_dict, strict=True)
-    return model

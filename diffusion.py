@@ -1,0 +1,286 @@
+"""The diffusion process (Ho et al. 2020, "Denoising Diffusion Probabilistic Models"): the noise schedule,
+noising in closed form, the training loss and its weighting, classifier-free guidance, and the samplers.
+
+Notation: index t in 0..noise_steps-1, beta[t] linear, alpha = 1 - beta, alpha_hat = cumprod(alpha),
+x_t = sqrt(alpha_hat[t]) x_0 + sqrt(1 - alpha_hat[t]) eps. The network predicts eps (the original), v or x0
+(`prediction`); every sampler works on the eps the prediction implies. All samplers walk from
+t = noise_steps-1 down and land on the alpha_hat[0] level, as the original's DDPM loop (999..1) does.
+"""
+import logging
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from hardware import default_device
+from modules import unwrap
+
+PREDICTIONS = ("eps", "v", "x0")
+
+
+def _at(schedule, t, x):
+    """schedule[t] shaped to broadcast against the batch x."""
+    return schedule.to(x.device)[t.to(x.device)].view(-1, *([1] * (x.dim() - 1)))
+
+
+def to_uint8(x):
+    """[-1, 1] floats to uint8 [0, 255], truncating as the original."""
+    return ((x.clamp(-1, 1) + 1) / 2 * 255).type(torch.uint8)
+
+
+class Diffusion:
+    def __init__(self, noise_steps=1000, beta_start=1e-4, beta_end=0.02, img_size=256, device=None,
+                 prediction="eps"):
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"unknown prediction {prediction!r}: choose one of {', '.join(PREDICTIONS)}")
+        self.noise_steps = noise_steps
+        self.beta_start = beta_start
+        self.beta_end = beta_end
+        self.img_size = img_size
+        self.prediction = prediction
+        self.device = torch.device(device) if device is not None else default_device()
+
+        self.beta = self.prepare_noise_schedule().to(self.device)
+        self.alpha = 1.0 - self.beta
+        self.alpha_hat = torch.cumprod(self.alpha, dim=0)
+
+    @property
+    def image_hw(self):
+        s = self.img_size
+        return (s, s) if isinstance(s, int) else tuple(s)
+
+    def prepare_noise_schedule(self):
+        return torch.linspace(self.beta_start, self.beta_end, self.noise_steps)
+
+    def noise_images(self, x, t, noise=None):
+        """Sample x_t ~ q(x_t | x_0) in closed form; returns (x_t, the noise used)."""
+        eps = torch.randn_like(x) if noise is None else noise
+        a = _at(self.alpha_hat, t, x)
+        return a.sqrt() * x + (1 - a).sqrt() * eps, eps
+
+    def sample_timesteps(self, n, generator=None):
+        """n training timesteps, uniform in [1, noise_steps-1] as the original (its global CPU RNG, unless a
+        generator is given: then on the generator's device)."""
+        if generator is None:
+            return torch.randint(1, self.noise_steps, (n,)).to(self.device)
+        return torch.randint(1, self.noise_steps, (n,), generator=generator, device=generator.device)
+
+    # ---- what the network predicts, and the training loss ---------------------------------------------
+
+    def target(self, x0, t, noise):
+        """What the network learns to output for x_t made from x0 and noise."""
+        if self.prediction == "eps":
+            return noise
+        if self.prediction == "x0":
+            return x0
+        a = _at(self.alpha_hat, t, x0)
+        return a.sqrt() * noise - (1 - a).sqrt() * x0  # v (Salimans & Ho 2022)
+
+    def eps_from_output(self, x, t, out):
+        """The noise eps that the network's output `out` at x_t = x implies (the inverse of target())."""
+        if self.prediction == "eps":
+            return out
+        a = _at(self.alpha_hat, t, x)
+        if self.prediction == "x0":
+            return (x - a.sqrt() * out) / (1 - a).sqrt()
+        return a.sqrt() * out + (1 - a).sqrt() * x
+
+    def loss_weight(self, t, gamma=5.0):
+        """Min-SNR-gamma weights (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting
+        Strategy"): the weight that turns each target's MSE into min(SNR_t, gamma) times the x0 error, so the
+        nearly clean timesteps, whose noise is easy to predict but says little about the image, stop
+        dominating the gradient. eps: min(SNR, gamma) / SNR; v: min(SNR, gamma) / (SNR + 1); x0: min(SNR, gamma)."""
+        a = self.alpha_hat.to(t.device)[t]
+        snr = a / (1 - a)
+        clipped = snr.clamp(max=gamma)
+        return {"eps": clipped / snr, "v": clipped / (snr + 1), "x0": clipped}[self.prediction]
+
+    def training_loss(self, out, x0, t, noise, min_snr_gamma=0.0):
+        """(the loss to minimise, the per-sample plain MSE) for the network's output on x_t(x0, t, noise).
+        min_snr_gamma=0 is the original's plain MSE."""
+        mse = F.mse_loss(out.float(), self.target(x0, t, noise), reduction="none").mean(dim=tuple(range(1, x0.dim())))
+        loss = (mse * self.loss_weight(t, min_snr_gamma)).mean() if min_snr_gamma else mse.mean()
+        return loss, mse
+
+    # ---- the network's noise prediction, with classifier-free guidance ---------------------------------
+
+    def predict_noise(self, model, x, t, labels=None, cfg_scale=3, batched_cfg=True):
+        """eps(x_t). With labels and cfg_scale > 0: torch.lerp(uncond, cond, cfg_scale) as the original,
+        both predictions from one pass over a doubled batch (label -1 = unconditional) unless batched_cfg
+        is False, which runs the original's two passes. Guidance mixes the raw outputs: the conversion to
+        eps is affine in them, so it makes no difference which comes first."""
+        if labels is None:
+            out = model(x, t)
+        elif cfg_scale <= 0:
+            out = model(x, t, labels)
+        elif not batched_cfg:
+            out = torch.lerp(model(x, t, None), model(x, t, labels), cfg_scale)
+        else:
+            cond, uncond = model(torch.cat([x, x]), torch.cat([t, t]),
+                                 torch.cat([labels, torch.full_like(labels, -1)])).chunk(2)
+            out = torch.lerp(uncond, cond, cfg_scale)
+        return self.eps_from_output(x, t, out.float())
+
+    def clip_eps(self, x, t, eps):
+        """The noise that goes with the x0 prediction clipped to the data range [-1, 1] (Ho et al.'s
+        clip_denoised; Saharia et al. 2022's static thresholding, which Lu et al. 2022 pair with
+        DPM-Solver++). At t near T, x0 = (x - sigma eps) / alpha divides small eps errors by alpha ~ 0.006:
+        an ODE sampler carries that error to the end, where ancestral noise would wash it out."""
+        a = _at(self.alpha_hat, t, x)
+        x0 = ((x - (1 - a).sqrt() * eps) / a.sqrt()).clamp(-1, 1)
+        return (x - a.sqrt() * x0) / (1 - a).sqrt()
+
+    def timesteps(self, steps=None, spacing="time"):
+        """The `steps` timesteps the network is evaluated at, from noise_steps-1 down, and the level each one
+        steps to: the next one, and 0 after the last. steps=999 is the original's loop (999..1, landing on 0).
+
+        spacing "time": even in t (DDIM's "linear" choice). "logsnr": even in lambda = log(alpha/sigma), the
+        DPM-Solver authors' choice for low-resolution images (Lu et al. 2022, sec. 3.3); uniform t leaves
+        one huge lambda step at the end that a multistep solver handles badly."""
+        steps = self.noise_steps - 1 if steps is None else steps
+        if not 1 <= steps <= self.noise_steps - 1:
+            raise ValueError(f"steps must lie in 1..{self.noise_steps - 1}, got {steps}")
+        if spacing == "time":
+            ts = torch.linspace(self.noise_steps - 1, 0, steps + 1).round().long().tolist()
+        elif spacing == "logsnr":
+            lam = 0.5 * (self.alpha_hat / (1 - self.alpha_hat)).log().cpu()  # increasing as t falls
+            target = torch.linspace(lam[-1].item(), lam[0].item(), steps + 1)
+            ts = [int((lam - v).abs().argmin()) for v in target]
+            # near t=0 several targets round to one index: keep them distinct, within reach of both ends
+            ts = [min(max(t, steps - i), self.noise_steps - 1 - i) for i, t in enumerate(ts)]
+            for i in range(steps - 1, -1, -1):
+                ts[i] = max(ts[i], ts[i + 1] + 1)
+        else:
+            raise ValueError(f"unknown spacing {spacing!r}: time or logsnr")
+        return ts[:-1], ts[1:]
+
+    # ---- one reverse step of each sampler (the SAMPLERS below call these) ------------------------------
+
+    def ddpm_step(self, x, t, eps, noise):
+        """Algorithm 2 of Ho et al.: variance beta_t, as the original; pass noise=None at the last step."""
+        alpha, alpha_hat, beta = _at(self.alpha, t, x), _at(self.alpha_hat, t, x), _at(self.beta, t, x)
+        mean = (x - (1 - alpha) / (1 - alpha_hat).sqrt() * eps) / alpha.sqrt()
+        return mean if noise is None else mean + beta.sqrt() * noise
+
+    def ddim_step(self, x, t, t_prev, eps, eta, noise):
+        """Song et al. 2021, eq. 12: eta=0 deterministic, eta=1 the DDPM posterior variance."""
+        a, a_prev = _at(self.alpha_hat, t, x), _at(self.alpha_hat, t_prev, x)
+        x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
+        sigma = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)).sqrt()
+        x = a_prev.sqrt() * x0 + (1 - a_prev - sigma**2).clamp(min=0).sqrt() * eps
+        return x if noise is None else x + sigma * noise
+
+    def dpm_solver_step(self, x, t, t_prev, eps, x0_last, h_last, first_order):
+        """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2) in data prediction. Returns (x, x0, h)."""
+        a, a_prev = _at(self.alpha_hat, t, x), _at(self.alpha_hat, t_prev, x)
+        lam, lam_prev = 0.5 * (a / (1 - a)).log(), 0.5 * (a_prev / (1 - a_prev)).log()  # log(alpha/sigma)
+        h = lam_prev - lam
+        x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
+        d = x0
+        if x0_last is not None and not first_order:
+            r = h_last / h
+            d = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * x0_last
+        x = ((1 - a_prev) / (1 - a)).sqrt() * x - a_prev.sqrt() * torch.expm1(-h) * d
+        return x, x0, h
+
+    # ---- sampling ------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def sample(self, model, n, labels=None, cfg_scale=3, sampler="ddpm", steps=None, eta=1.0,
+               generator=None, noise=None, batched_cfg=True, progress=True, raw=False, spacing=None, clip=None):
+        """n images as uint8 (n, C, H, W). The default is the original's: 999 DDPM ancestral steps.
+
+        sampler: a name in SAMPLERS: "ddpm" (steps defaults to 999), "ddim" (with eta), or "dpm++"
+        (DPM-Solver++(2M), no noise injected). generator: a CPU torch.Generator that makes the result
+        repeatable on any device. noise: the starting x_T, overriding generator for it. spacing: of the
+        timesteps (see timesteps()); clip: clip each x0 prediction to [-1, 1] (see clip_eps); both default to
+        the sampler's own choice. raw=True returns the final float x as it is (no clamping, no uint8), for
+        tests and measurements."""
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}")
+        net = unwrap(model)
+        device = next(net.parameters()).device
+        shape = (n, getattr(net, "c_in", 3), *self.image_hw)
+
+        def randn():
+            return torch.randn(shape, generator=generator).to(device) if generator is not None \
+                else torch.randn(shape, device=device)
+
+        logging.info(f"Sampling {n} new images with {sampler}....")
+        labels = self._labels(labels, n, device)
+        kind = SAMPLERS[sampler]
+        ts, ts_prev = self.timesteps(steps if steps is not None else kind.default_steps, spacing or kind.spacing)
+        if kind.walks_every_step and len(ts) != self.noise_steps - 1:
+            raise ValueError(f"the {sampler} sampler walks every step: use ddim or dpm++ for fewer steps")
+        stepper = kind(self, eta=eta, steps=len(ts))
+        clip = kind.clip if clip is None else clip
+        was_training = model.training
+        model.eval()
+        try:
+            x = randn() if noise is None else noise.to(device)
+            for i, (t_now, t_prev) in enumerate(tqdm(list(zip(ts, ts_prev)), desc=sampler, disable=not progress,
+                                                     leave=False)):
+                t = torch.full((n,), t_now, device=device, dtype=torch.long)
+                eps = self.predict_noise(model, x, t, labels, cfg_scale, batched_cfg)
+                if clip:
+                    eps = self.clip_eps(x, t, eps)
+                x = stepper.step(x, t, torch.full_like(t, t_prev), eps, i == len(ts) - 1, randn)
+        finally:  # restored as found, also when interrupted
+            model.train(was_training)
+        return x if raw else to_uint8(x)
+
+    @staticmethod
+    def _labels(labels, n, device):
+        """None, or n labels as a LongTensor on `device` (one label is repeated n times)."""
+        if labels is None:
+            return None
+        labels = torch.as_tensor(labels, device=device).long()
+        labels = labels.expand(n) if labels.dim() == 0 else labels
+        if labels.shape != (n,):
+            raise ValueError(f"labels must be one label or n={n} labels, got shape {tuple(labels.shape)}")
+        return labels
+
+
+# ---- the samplers: each one reverse step at a time, with whatever history it keeps ----------------------
+
+class DDPMSampler:
+    """The original's ancestral sampler (Ho et al., Algorithm 2), unclipped; it walks every timestep."""
+    default_steps, spacing, clip, walks_every_step = None, "time", False, True
+
+    def __init__(self, diffusion, eta, steps):
+        self.diffusion = diffusion
+
+    def step(self, x, t, t_prev, eps, last, randn):
+        return self.diffusion.ddpm_step(x, t, eps, None if last else randn())
+
+
+class DDIMSampler:
+    """DDIM (Song et al. 2021) at any number of steps; eta=1 adds the DDPM posterior's noise."""
+    default_steps, spacing, clip, walks_every_step = 50, "time", True, False
+
+    def __init__(self, diffusion, eta, steps):
+        self.diffusion, self.eta = diffusion, eta
+
+    def step(self, x, t, t_prev, eps, last, randn):
+        noise = None if last or self.eta == 0 else randn()
+        return self.diffusion.ddim_step(x, t, t_prev, eps, self.eta, noise)
+
+
+class DPMSolverPPSampler:
+    """DPM-Solver++(2M) (Lu et al. 2022): deterministic, second order from the second step on."""
+    default_steps, spacing, clip, walks_every_step = 50, "logsnr", True, False
+
+    def __init__(self, diffusion, eta, steps):
+        self.diffusion, self.steps = diffusion, steps
+        self.x0_last = self.h_last = None
+
+    def step(self, x, t, t_prev, eps, last, randn):
+        # first order at the start (no history) and, for short runs, at the end: the paper's "lower order
+        # final" steps, which keep few-step sampling stable
+        first = self.x0_last is None or (last and self.steps < 15)
+        x, self.x0_last, self.h_last = self.diffusion.dpm_solver_step(x, t, t_prev, eps, self.x0_last,
+                                                                      self.h_last, first)
+        return x
+
+
+SAMPLERS = {"ddpm": DDPMSampler, "ddim": DDIMSampler, "dpm++": DPMSolverPPSampler}

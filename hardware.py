@@ -1,0 +1,95 @@
+"""Device, precision and thread policy, in one place. Entry scripts import this module before torch.
+
+Every choice here was measured (docs/speed.md); `--no-amp` on any command line means fp32 everywhere.
+"""
+import os
+
+# GNU OpenMP's waiting threads spin for a long while before they sleep: fast on an idle machine, 3.7x slower
+# per training step when another process shares the cores (a laptop, a shared node). A short spin keeps
+# most of both (default-config step, 2 cores: idle 123 -> 148 ms, shared 1125 -> 340 ms; docs/speed.md). It
+# must be set before torch loads OpenMP, and a user's own OpenMP settings win.
+if "OMP_WAIT_POLICY" not in os.environ:
+    os.environ.setdefault("GOMP_SPINCOUNT", "3000")
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from utils import UserError  # noqa: E402
+
+
+def default_device():
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def pick_device(name):
+    """The torch.device a --device option names ("auto": CUDA, then MPS, then CPU), or a UserError."""
+    if name in (None, "auto"):
+        return default_device()
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name}: unknown device; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--device {name}: MPS is not available on this machine; use --device cpu")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"--device {name}: unsupported; use auto, cpu, cuda, cuda:N or mps")
+    return device
+
+
+def setup_distributed(c):
+    """(rank, world size, device). Under torchrun (WORLD_SIZE set): one process per device, NCCL on GPUs and
+    gloo on CPUs; c.device names the device type (a RunConfig or any object with .device)."""
+    if int(os.environ.get("WORLD_SIZE", 1)) <= 1:
+        return 0, 1, pick_device(c.device)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0))
+    device = pick_device(c.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, dist.get_world_size(), device
+
+
+def cpu_has_amx_bf16():
+    is_amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    is_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    return is_amx() and is_bf16()
+
+
+def autocast_dtype(device, amp=True):
+    """The fast path's autocast dtype on `device`, or None for fp32; a per-device choice, from measurements.
+    CUDA: bf16, or fp16 (with a GradScaler) where bf16 is missing. CPU: bf16 only with AMX, where oneDNN's bf16
+    convolutions run ~4x faster than fp32 ones (the 64x64 training step: 1.8 vs 3.0 s, bench.py); without it
+    bf16 is emulated, ~75x slower on a 2-core AVX2 EPYC. MPS: fp32 (never measured)."""
+    if not amp:
+        return None
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and cpu_has_amx_bf16():
+        return torch.bfloat16
+    return None
+
+
+def autocast(device, dtype):
+    """torch.autocast for `dtype` from autocast_dtype (None: a no-op context, fp32)."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def precision_name(dtype):
+    return {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast"}[dtype]
+
+
+def fast_memory_format(device):
+    """channels_last on CUDA and on AVX-512 CPUs (oneDNN skips its layout reorders: 3-10% faster training on a
+    2-core Xeon, bench.py); contiguous elsewhere (slightly slower on a 2-core AVX2 EPYC)."""
+    if device.type == "cuda" or (device.type == "cpu" and torch.backends.cpu.get_cpu_capability() == "AVX512"):
+        return torch.channels_last
+    return torch.contiguous_format
