@@ -1,0 +1,216 @@
+"""Checkpoint files: reading and writing them safely, and rebuilding the network a checkpoint holds.
+
+A run folder models/<run>/ holds ckpt.pt, ema_ckpt.pt and optim.pt (plain state_dicts of CPU tensors, as the
+original wrote them), state.pt (the rest that resuming needs: epoch, step, EMA counter, scaler, RNG states)
+and config.json (the run's settings, config.RunConfig). The original's bare checkpoints, with no config
+beside them, are read by their tensor shapes.
+"""
+import dataclasses
+import json
+import os
+import random
+
+import numpy as np
+import torch
+
+from config import LEGACY, RunConfig
+from modules import unwrap
+from utils import UserError
+
+RUN_FILES = ("ckpt.pt", "ema_ckpt.pt", "optim.pt", "state.pt", "config.json")
+
+
+def atomic_save(obj, path):
+    """torch.save through a temporary file, fsync and os.replace: a crash mid-save leaves the old file."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            if path.endswith(".json"):
+                f.write((json.dumps(obj, indent=2) + "\n").encode())
+            else:
+                torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_checkpoint(path):
+    """torch.load with weights_only=True (no pickled code runs), onto the CPU."""
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            raise UserError(f"checkpoint {path} holds pickled objects, refused for safety: save a plain "
+                            "state_dict, or load it yourself only if you trust its source") from None
+        raise UserError(f"checkpoint {path} cannot be read ({type(e).__name__}): is it complete?") from None
+
+
+def cpu_state_dict(module):
+    """A state_dict of contiguous CPU tensors (also from a channels_last model) without wrapper prefixes,
+    loadable anywhere without map_location."""
+    return {k: v.detach().to("cpu", memory_format=torch.contiguous_format, copy=True)
+            for k, v in unwrap(module).state_dict().items()}
+
+
+def strip_prefixes(state_dict):
+    """Drop the `module.` (DDP) and `_orig_mod.` (torch.compile) prefixes some checkpoints carry."""
+    out = {}
+    for k, v in state_dict.items():
+        while k.startswith(("module.", "_orig_mod.")):
+            k = k.split(".", 1)[1]
+        out[k] = v
+    return out
+
+
+def load_weights(model, state_dict, source="checkpoint"):
+    """load_state_dict(strict=True) that explains a mismatch in one line instead of a page of keys."""
+    state_dict = strip_prefixes(state_dict)
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    wrong = [k for k in own if k in state_dict and tuple(own[k].shape) != tuple(state_dict[k].shape)]
+    if missing or unexpected or wrong:
+        hints = []
+        if "label_emb.weight" in missing:
+            hints.append("the checkpoint is unconditional: use UNet / ddpm.py")
+        if "label_emb.weight" in unexpected:
+            hints.append("the checkpoint is class-conditional: use UNet_conditional / ddpm_conditional.py")
+        if "label_emb.weight" in wrong:
+            hints.append(f"--num-classes should be {state_dict['label_emb.weight'].shape[0]}")
+        if "inc.double_conv.0.weight" in wrong:
+            w = state_dict["inc.double_conv.0.weight"].shape
+            hints.append(f"the checkpoint has base width {w[0]} and {w[1]} input channels")
+        if not hints:
+            hints.append("check --channels, --base-width and --num-classes")
+        detail = "; ".join(f"{name}: {', '.join(ks[:3])}{' ...' if len(ks) > 3 else ''}" for name, ks in
+                           (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if ks)
+        raise UserError(f"{source} does not fit the network ({detail}): {'; '.join(hints)}")
+    model.load_state_dict(state_dict, strict=True)
+    return model
+
+
+# ---- a run's config.json ----------------------------------------------------------------------------------
+
+def save_config(config, run_dir):
+    atomic_save(config.to_json(), os.path.join(run_dir, "config.json"))
+
+
+def load_config(run_dir):
+    """The RunConfig of the run in `run_dir`: its config.json, or an earlier version's state.pt; None if neither."""
+    path = os.path.join(run_dir, "config.json")
+    if os.path.isfile(path):
+        try:
+            with open(path) as f:
+                return RunConfig.from_json(json.load(f), path)
+        except (ValueError, TypeError, AttributeError) as e:
+            raise UserError(f"{path} cannot be read ({e}): restore it, or delete it to fall back to defaults")
+    legacy = os.path.join(run_dir, "state.pt")
+    if os.path.isfile(legacy):
+        state = load_checkpoint(legacy)
+        args = state.get("args") if isinstance(state, dict) else None
+        if isinstance(args, dict):
+            known = {f.name for f in dataclasses.fields(RunConfig)}
+            return RunConfig(**{**LEGACY, **{k: v for k, v in args.items() if k in known}})
+    return None
+
+
+# ---- a training run's files ---------------------------------------------------------------------------
+
+def save_run(run_dir, model, ema_model, optimizer, state, config):
+    """ckpt.pt, ema_ckpt.pt and optim.pt as the original's plain state_dicts, config.json, then state.pt (the
+    rest that resuming needs). Each file is replaced atomically; state.pt goes last."""
+    for p in unwrap(model).parameters():
+        if not torch.isfinite(p).all():
+            raise UserError("the weights became non-finite; nothing was saved over the last good checkpoint: "
+                            "lower --lr, or resume from the last save with --resume")
+    atomic_save(cpu_state_dict(model), os.path.join(run_dir, "ckpt.pt"))
+    if ema_model is not None:
+        atomic_save(cpu_state_dict(ema_model), os.path.join(run_dir, "ema_ckpt.pt"))
+    atomic_save(optimizer.state_dict(), os.path.join(run_dir, "optim.pt"))
+    save_config(config, run_dir)
+    atomic_save(state, os.path.join(run_dir, "state.pt"))
+
+
+def load_run(run_dir, model, ema_model, optimizer):
+    """Load what save_run wrote into the given objects; returns state.pt's dict."""
+    load_weights(model, load_checkpoint(os.path.join(run_dir, "ckpt.pt")), os.path.join(run_dir, "ckpt.pt"))
+    if ema_model is not None:
+        path = os.path.join(run_dir, "ema_ckpt.pt")
+        load_weights(ema_model, load_checkpoint(path), path)
+    optimizer.load_state_dict(load_checkpoint(os.path.join(run_dir, "optim.pt")))
+    return load_checkpoint(os.path.join(run_dir, "state.pt"))
+
+
+# ---- resuming exactly
+
+def rng_state():
+    name, keys, pos, has_gauss, gauss = np.random.get_state()  # numpy arrays would need pickle: store a tensor
+    return {"python": random.getstate(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos,
+                                                     has_gauss, gauss), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(s):
+    random.setstate(s["python"])
+    name, keys, pos, has_gauss, gauss = s["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def match_state_layout(optimizer):
+    """Give each optimizer state tensor its parameter's memory layout. A run saved from a channels_last model
+    resumed in NCHW (or the reverse: another machine, see hardware.fast_memory_format) would otherwise feed
+    fused AdamW tensors of different strides, and torch 2.14's CPU kernel then takes wrong steps without a word."""
+    for p, state in optimizer.state.items():
+        for k, v in state.items():
+            if torch.is_tensor(v) and v.shape == p.shape and v.stride() != p.stride():
+                state[k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
+
+
+
+# ---- the network a checkpoint holds ---------------------------------------------------------------------
+
+def resolve_ckpt(path):
+    """A checkpoint file, or a run folder (models/<run>/): its EMA weights when it has them."""
+    if os.path.isdir(path):
+        for name in ("ema_ckpt.pt", "ckpt.pt"):
+            if os.path.isfile(os.path.join(path, name)):
+                return os.path.join(path, name)
+        raise UserError(f"--ckpt {path}: the folder holds no ema_ckpt.pt or ckpt.pt")
+    if not os.path.isfile(path):
+        raise UserError(f"--ckpt {path}: no such file")
+    return path
+
+
+def config_from_weights(sd, ckpt):
+    """For a bare checkpoint (the original's): a RunConfig whose network fits the weights' shapes."""
+    if "inc.double_conv.0.weight" not in sd or "down1.emb_layer.1.weight" not in sd:
+        raise UserError(f"--ckpt {ckpt}: not a UNet checkpoint of this project (no inc/down1 weights)")
+    width, channels = sd["inc.double_conv.0.weight"].shape[:2]
+    conditional = "label_emb.weight" in sd
+    return RunConfig(conditional=conditional, channels=int(channels), base_width=int(width),
+                     time_dim=int(sd["down1.emb_layer.1.weight"].shape[1]),
+                     num_classes=int(sd["label_emb.weight"].shape[0]) if conditional else RunConfig.num_classes,
+                     **LEGACY)
+
+
+def load_model(ckpt, device="cpu"):
+    """(the network in eval mode, its RunConfig): from the run's config.json beside the checkpoint when there
+    is one, else from the weights' shapes (image size and the diffusion then take the defaults)."""
+    sd = load_checkpoint(ckpt)
+    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
+        raise UserError(f"--ckpt {ckpt}: not a state_dict of a UNet (use ckpt.pt or ema_ckpt.pt of a run)")
+    sd = strip_prefixes(sd)
+    config = load_config(os.path.dirname(os.path.abspath(ckpt))) or config_from_weights(sd, ckpt)
+    model = load_weights(config.make_model(), sd, ckpt)
+    return model.to(device).eval(), config

@@ -1,0 +1,137 @@
+"""Every setting of a run and its default (written here once), and the presets.
+
+A run's config is saved as models/<run>/config.json beside its checkpoints (checkpoints.py); sample.py,
+evaluate.py and --resume rebuild the network, the diffusion and the data from it.
+"""
+import dataclasses
+from dataclasses import dataclass
+
+from diffusion import PREDICTIONS, SAMPLERS, Diffusion
+from modules import UNet, UNet_conditional
+from utils import UserError
+
+
+@dataclass
+class RunConfig:
+    # the network (modules.UNet / UNet_conditional)
+    conditional: bool = False
+    channels: int = None  # c_in = c_out; None: 1 for the bundled digits, else 3
+    base_width: int = 16
+    num_classes: int = 10
+    time_dim: int = 256
+    # the diffusion (diffusion.Diffusion)
+    noise_steps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    prediction: str = "eps"
+    # the data
+    image_size: int = 16
+    dataset_path: str = None  # None: the bundled MNIST digits
+    crop: str = "random"
+    # the training recipe
+    epochs: int = 20
+    batch_size: int = 64
+    lr: float = 2e-3
+    lr_schedule: str = "constant"
+    min_snr_gamma: float = 5.0
+    ema: bool = True
+    ema_beta: float = 0.995
+    ema_start: int = 500
+    label_dropout: float = 0.1
+    label_dropout_mode: str = "sample"
+    seed: int = None
+    data_seed: int = None  # the data order and each step's noise; drawn once, kept on resume
+    # the sample grids
+    sample_interval: int = 10
+    n_samples: int = 64
+    sampler: str = "ddim"
+    sample_steps: int = 50
+    eta: float = 1.0
+    cfg_scale: float = 3.0
+    # the run and this machine
+    run_name: str = None
+    preset: str = "default"
+    device: str = "auto"
+    num_workers: int = None  # None: 0 on the CPU, 4 on a GPU
+    compile: bool = False
+    amp: bool = True
+
+    def make_model(self):
+        if self.conditional:
+            return UNet_conditional(self.channels, self.channels, self.time_dim, self.num_classes,
+                                    base_width=self.base_width)
+        return UNet(self.channels, self.channels, self.time_dim, base_width=self.base_width)
+
+    def make_diffusion(self, device=None):
+        return Diffusion(self.noise_steps, self.beta_start, self.beta_end, self.image_size, device,
+                         prediction=self.prediction)
+
+    def to_json(self):
+        values = dataclasses.asdict(self)
+        return {section: {k: values[k] for k in keys} for section, keys in SECTIONS.items()}
+
+    @classmethod
+    def from_json(cls, sections, source="config.json"):
+        flat = {k: v for section in sections.values() for k, v in section.items()}
+        unknown = sorted(set(flat) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise UserError(f"{source}: unknown setting(s) {', '.join(unknown)}: written by a newer version?")
+        return cls(**flat)
+
+
+SECTIONS = {
+    "network": ("conditional", "channels", "base_width", "num_classes", "time_dim"),
+    "diffusion": ("noise_steps", "beta_start", "beta_end", "prediction"),
+    "data": ("image_size", "dataset_path", "crop"),
+    "training": ("epochs", "batch_size", "lr", "lr_schedule", "min_snr_gamma", "ema", "ema_beta", "ema_start",
+                 "label_dropout", "label_dropout_mode", "seed", "data_seed"),
+    "sample_grids": ("sample_interval", "n_samples", "sampler", "sample_steps", "eta", "cfg_scale"),
+    "run": ("run_name", "preset", "device", "num_workers", "compile", "amp"),
+}
+# what fixes the network, the diffusion and the data's shape: a resumed run keeps its own
+RUN_DEFINING = SECTIONS["network"] + SECTIONS["diffusion"] + ("image_size",)
+
+# What a preset changes from the defaults above. "default" finishes on a 2-core CPU in minutes on the bundled
+# MNIST digits (docs/quality.md); "original" is the original repo's setup.
+PRESETS = {
+    "default": {},
+    "original": dict(image_size=64, channels=3, base_width=64, batch_size=12, lr=3e-4, epochs=500,
+                     sample_interval=1, sampler="ddpm", sample_steps=999, ema=False, ema_start=2000,
+                     min_snr_gamma=0.0, label_dropout_mode="batch", n_samples=12),
+}
+CONDITIONAL_PRESETS = {  # ddpm_conditional.py's own differences
+    "default": dict(n_samples=80),
+    "original": dict(batch_size=14, epochs=300, sample_interval=10, n_samples=10, ema=True),
+}
+# settings a run of an earlier version (its state.pt "args", no config.json) trained with
+LEGACY = dict(crop="random", prediction="eps")
+
+
+def preset_config(preset, conditional):
+    return RunConfig(conditional=conditional, preset=preset,
+                     **{**PRESETS[preset], **CONDITIONAL_PRESETS[preset]} if conditional else PRESETS[preset])
+
+
+def validate(c):
+    """A UserError naming the option and the fix for any setting that cannot work."""
+    for name in ("epochs", "batch_size", "image_size", "base_width", "n_samples", "sample_interval",
+                 "sample_steps", "noise_steps", "num_classes"):
+        if getattr(c, name) <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(c, name)}")
+    if c.lr <= 0:
+        raise UserError(f"--lr must be positive, got {c.lr}")
+    if c.image_size % 8:
+        raise UserError(f"--image-size {c.image_size} is not a multiple of 8 (the UNet halves it three "
+                        f"times): try {max(8, c.image_size // 8 * 8)}")
+    if not 0 <= c.label_dropout <= 1:
+        raise UserError(f"--label-dropout must lie in [0, 1], got {c.label_dropout}")
+    if c.noise_steps < 2:
+        raise UserError(f"--noise-steps must be at least 2, got {c.noise_steps}")
+    if c.sampler not in SAMPLERS or c.prediction not in PREDICTIONS:
+        raise UserError(f"--sampler {c.sampler} / --prediction {c.prediction}: choose from "
+                        f"{', '.join(SAMPLERS)} / {', '.join(PREDICTIONS)}")
+    if c.sampler == "ddpm":
+        c.sample_steps = c.noise_steps - 1
+    elif c.sample_steps > c.noise_steps - 1:
+        raise UserError(f"--sample-steps must be at most {c.noise_steps - 1}, got {c.sample_steps}")
+    return c

@@ -1,0 +1,93 @@
+"""The training command line of ddpm.py and ddpm_conditional.py: options to a config.RunConfig, over the
+preset for a new run or over the saved config.json when resuming."""
+import argparse
+import dataclasses
+import os
+
+from checkpoints import load_config
+from config import PRESETS, RUN_DEFINING, preset_config, validate
+from diffusion import PREDICTIONS, SAMPLERS
+from utils import UserError, option_adder
+
+
+def parse_args(conditional, argv=None):
+    """The command line; what it leaves unset stays None and comes from the preset or the resumed run."""
+    p = argparse.ArgumentParser(
+        description=f"Train a {'class-conditional' if conditional else 'unconditional'} DDPM. With no "
+                    "arguments: the bundled MNIST digits, a small network, minutes on a laptop CPU.")
+    opt = option_adder(p)  # --dash-names, with the original's --underscore_names as aliases
+    opt("--preset", choices=sorted(PRESETS), help="settings for what you leave unset (default: default)")
+    opt("--run-name", help="outputs go to runs/, results/, models/ under this name")
+    opt("--dataset-path", help="an ImageFolder (one subfolder per class) or a flat folder of images; "
+                               "default: the bundled MNIST digits, written to data/mnist")
+    opt("--epochs", type=int, help="total epochs; --resume continues up to it")
+    opt("--batch-size", type=int, help="images per step per process")
+    opt("--image-size", type=int, help="side in pixels, a multiple of 8")
+    opt("--channels", type=int, choices=(1, 3), help="1 grayscale, 3 RGB (default: 1 for the bundled digits, "
+                                                     "else 3)")
+    opt("--crop", choices=("center", "random"), help="center: the images as they are; random: the original's "
+                                                     "zooming random crop")
+    opt("--base-width", type=int, help="channels of the first level (64 = the original network)")
+    opt("--prediction", choices=PREDICTIONS, help="what the network predicts: the noise (eps, the original), "
+                                                  "v, or the clean image x0")
+    opt("--lr", type=float, help="AdamW learning rate")
+    opt("--lr-schedule", choices=("constant", "cosine"), help="constant as the original, or a cosine decay "
+                                                               "to 0 over the run's --epochs")
+    opt("--min-snr-gamma", type=float, help="weight each timestep's loss by min(SNR, gamma) (Hang et al. "
+                                            "2023); 0: plain MSE as the original")
+    opt("--device", help="auto, cpu, cuda, cuda:N or mps")
+    opt("--seed", type=int, help="makes a CPU run repeatable")
+    opt("--num-workers", type=int, help="DataLoader workers (default: 0 on CPU, 4 on GPU)")
+    opt("--noise-steps", type=int, help="diffusion steps T")
+    opt("--sample-interval", type=int, help="save a sample grid every N epochs (and after the last)")
+    opt("--n-samples", type=int, help="images per sample grid")
+    opt("--sampler", choices=SAMPLERS, help="sampler for the grids")
+    opt("--sample-steps", type=int, help="network evaluations per grid image (ddpm: all)")
+    opt("--eta", type=float, help="DDIM noise: 0 deterministic, 1 DDPM-like")
+    opt("--ema-beta", type=float, help="EMA decay")
+    opt("--ema-start", type=int, help="steps of hard copy before the EMA starts averaging")
+    opt("--resume", action="store_true", help="continue the run named --run-name from its last save")
+    opt("--overwrite", action="store_true", help="replace an existing run of the same name")
+    opt("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the network")
+    opt("--amp", action=argparse.BooleanOptionalAction,
+        help="mixed precision where it is faster: bf16 autocast on CUDA (fp16 without bf16) and on CPUs with "
+             "AMX; --no-amp: fp32 everywhere")
+    if conditional:
+        opt("--num-classes", type=int, help="label embedding size; at least the dataset's class count")
+        opt("--cfg-scale", type=float, help="classifier-free guidance scale for the grids")
+        opt("--label-dropout", type=float, help="share of labels dropped for CFG training")
+        opt("--label-dropout-mode", choices=("sample", "batch"),
+            help="drop labels per sample, or whole batches as the original")
+    else:
+        opt("--ema", action=argparse.BooleanOptionalAction, help="also keep an EMA model (ema_ckpt.pt); "
+                                                                 "on in the default preset")
+    args = p.parse_args(argv)
+    args.conditional = conditional
+    return args
+
+
+def resolve_args(args):
+    """(the run's RunConfig, whether it resumes): the command line over the resumed run's config, or over
+    the preset for a new run."""
+    explicit = {k: v for k, v in vars(args).items() if v is not None and k not in ("resume", "overwrite")}
+    preset = explicit.get("preset", "default")
+    run_name = explicit.get("run_name") or ("DDPM_conditional" if args.conditional else "DDPM_Unconditional") + \
+        ("" if preset == "original" else "_mnist")
+    run_dir = os.path.join("models", run_name)
+    if args.resume:
+        saved = load_config(run_dir) if os.path.isfile(os.path.join(run_dir, "state.pt")) else None
+        if saved is None:
+            raise UserError(f"--resume: nothing to resume in models/{run_name} (no state.pt); "
+                            "drop --resume to start this run, or check --run-name")
+        for k in RUN_DEFINING:
+            if k in explicit and explicit[k] != getattr(saved, k):
+                raise UserError(f"--resume: run {run_name} was trained with --{k.replace('_', '-')} "
+                                f"{getattr(saved, k)}, not {explicit[k]}: drop the option or start a new run")
+        config = dataclasses.replace(saved, **explicit)
+    else:
+        config = dataclasses.replace(preset_config(preset, args.conditional), **explicit)
+    config.run_name = run_name
+    config.ema = config.ema or args.conditional  # the conditional script always keeps one
+    if config.channels is None:  # the bundled digits are grayscale; a user's images are taken as RGB
+        config.channels = 1 if config.dataset_path is None else 3
+    return validate(config), args.resume
