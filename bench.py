@@ -10,13 +10,14 @@ subprocess, because a process's peak RSS never goes down.
     python bench.py --configs original --paths fast,fast-fp32 --profile   # where each path's step goes
 
 fast:      what train.py runs: SDPA attention, batched CFG (one pass over 2n images), torch.inference_mode
-           for sampling, fused AdamW (4x cheaper on the CPU), and the per-device choices of utils.py:
+           for sampling, fused AdamW (4x cheaper on the CPU), and the per-device choices of hardware.py:
            autocast_dtype (bf16 on CUDA and on AMX CPUs) and fast_memory_format (channels_last on CUDA and
            AVX-512 CPUs); TF32 on CUDA.
 fast-fp32: the same without autocast (run only where the fast path uses one).
 faithful:  fp32 eager, the original's nn.MultiheadAttention call, two CFG passes, contiguous NCHW, plain AdamW.
 """
-import ddpm  # noqa: F401  (first: it sets the OpenMP spin policy before torch loads OpenMP)
+import hardware  # noqa: F401, I001  (first: it sets the OpenMP spin policy before torch loads OpenMP)
+
 import argparse
 import os
 import json
@@ -29,9 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from ddpm import Diffusion
+from diffusion import Diffusion
+from hardware import autocast, autocast_dtype, fast_memory_format, precision_name
 from modules import UNet_conditional, set_original_attention
-from utils import autocast_dtype, fast_memory_format, precision_name
 
 CONFIGS = {
     "original": dict(image_size=64, channels=3, base_width=64, batch=12),  # the original repo's setup
@@ -99,67 +100,30 @@ def make_model(cfg):
 def worker(a):
     """One (config, path) in this process; prints a JSON line."""
     device = torch.device(a.device)
-    cfg, fast, cuda = CONFIGS[a.config], a.path != "faithful", device.type == "cuda"
+    cfg, fast = CONFIGS[a.config], a.path != "faithful"
     if a.threads:
         torch.set_num_threads(a.threads)
     amp_dtype = autocast_dtype(device) if a.path == "fast" else None
-    amp = amp_dtype is not None
-    if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = amp
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = amp_dtype is not None
     fmt = fast_memory_format(device) if a.channels_last == "auto" else (
         torch.channels_last if a.channels_last == "on" else torch.contiguous_format)
     fmt = fmt if fast else torch.contiguous_format
-
-    model = make_model(cfg).to(device, memory_format=fmt)
-    set_original_attention(model, not fast)
-    net = torch.compile(model) if fast and a.compile else model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=True if fast else None)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp and amp_dtype == torch.float16)
-    diffusion = Diffusion(1000, img_size=cfg["image_size"], device=device)
-    n, s, c = cfg["batch"], cfg["image_size"], cfg["channels"]
-    images = torch.randn(n, c, s, s, device=device).clamp(-1, 1).contiguous(memory_format=fmt)
-    labels = torch.randint(0, NUM_CLASSES, (n,), device=device)
-
-    def train_step():
-        # drawn on the device: sample_timesteps copies from the CPU, a host sync per step on CUDA
-        t = torch.randint(1, diffusion.noise_steps, (n,), device=device) if fast else diffusion.sample_timesteps(n)
-        x_t, noise = diffusion.noise_images(images, t)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
-            predicted = net(x_t, t, labels)
-        loss = F.mse_loss(predicted.float(), noise)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()  # no .item(): nothing here waits for the GPU
+    train_step, sample_step, forward = make_steps(cfg, fast, a.compile, device, amp_dtype, fmt)
 
     base = peak_memory_gb(device)  # held before the first step (on the CPU: torch's own libraries too)
-    if cuda:
+    if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     train_s = timed(train_step, device, a.steps, a.warmup)
     train_peak = peak_memory_gb(device)
-
     if a.profile:  # one more training step, op by op, to stderr (stdout carries the JSON line)
         from torch.profiler import profile
 
         with profile() as prof:
             train_step()
+        key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
         print(f"[{a.config}, {a.path}] one training step, by operator:\n"
-              + prof.key_averages().table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total",
-                                          row_limit=15), file=sys.stderr)
-
-    model.eval()
-    x = torch.randn(n, c, s, s, device=device).contiguous(memory_format=fmt)
-    t = torch.full((n,), 500, device=device, dtype=torch.long)
-
-    def sample_step():  # one DDPM step with classifier-free guidance, as Diffusion.sample runs it
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
-            eps = diffusion.predict_noise(net, x, t, labels, cfg_scale=3, batched_cfg=fast).float()
-        diffusion.ddpm_step(x, t, eps, torch.randn_like(x))
-
-    def forward():
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
-            net(x, t, labels)
-
+              + prof.key_averages().table(sort_by=key, row_limit=15), file=sys.stderr)
     with torch.inference_mode() if fast else torch.no_grad():  # the original sampled under no_grad
         sample_s = timed(sample_step, device, a.steps, a.warmup)
         forward_s = timed(forward, device, a.steps, a.warmup)
@@ -167,6 +131,46 @@ def worker(a):
                           train_peak_gb=train_peak, peak_gb=peak_memory_gb(device),
                           channels_last=fmt == torch.channels_last, precision=precision_name(amp_dtype),
                           threads=torch.get_num_threads())))
+
+
+def make_steps(cfg, fast, compile, device, amp_dtype, fmt):
+    """(a training step, a guided sampling step, a forward pass) of one path, as closures."""
+    model = make_model(cfg).to(device, memory_format=fmt)
+    set_original_attention(model, not fast)
+    net = torch.compile(model) if fast and compile else model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=True if fast else None)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    diffusion = Diffusion(1000, img_size=cfg["image_size"], device=device)
+    n, s, c = cfg["batch"], cfg["image_size"], cfg["channels"]
+    images = torch.randn(n, c, s, s, device=device).clamp(-1, 1).contiguous(memory_format=fmt)
+    labels = torch.randint(0, NUM_CLASSES, (n,), device=device)
+    x = torch.randn(n, c, s, s, device=device).contiguous(memory_format=fmt)
+    t_mid = torch.full((n,), 500, device=device, dtype=torch.long)
+
+    def train_step():
+        # drawn on the device: sample_timesteps copies from the CPU, a host sync per step on CUDA
+        t = torch.randint(1, diffusion.noise_steps, (n,), device=device) if fast else diffusion.sample_timesteps(n)
+        x_t, noise = diffusion.noise_images(images, t)
+        with autocast(device, amp_dtype):
+            predicted = net(x_t, t, labels)
+        loss = F.mse_loss(predicted.float(), noise)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()  # no .item(): nothing here waits for the GPU
+
+    def sample_step():  # one DDPM step with classifier-free guidance, as Diffusion.sample runs it
+        model.eval()
+        with autocast(device, amp_dtype):
+            eps = diffusion.predict_noise(net, x, t_mid, labels, cfg_scale=3, batched_cfg=fast)
+        diffusion.ddpm_step(x, t_mid, eps, torch.randn_like(x))
+
+    def forward():
+        model.eval()
+        with autocast(device, amp_dtype):
+            net(x, t_mid, labels)
+
+    return train_step, sample_step, forward
 
 
 def run_worker(a, config, path):
@@ -190,7 +194,7 @@ def main():
     p.add_argument("--profile", action="store_true", help="also print each path's training step by operator")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: PyTorch's default)")
     p.add_argument("--channels-last", choices=("auto", "on", "off"), default="auto",
-                   help="the fast paths' memory format (auto: utils.fast_memory_format)")
+                   help="the fast paths' memory format (auto: hardware.fast_memory_format)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--config", help=argparse.SUPPRESS)
     p.add_argument("--path", help=argparse.SUPPRESS)
@@ -212,33 +216,37 @@ def main():
           "on the original's attention math (the same function)")
     paths = [p for p in a.paths.split(",") if p != "fast-fp32" or amp_dtype is not None]
     for config in a.configs.split(","):
-        cfg = CONFIGS[config]
-        fwd_flops, train_flops = count_flops(cfg)
-        n = cfg["batch"]
-        print(f"\n[{config}] {cfg['image_size']}x{cfg['image_size']}x{cfg['channels']}, base_width "
-              f"{cfg['base_width']}, batch {n}, UNet_conditional({NUM_CLASSES} classes); "
-              f"{fwd_flops / 1e9:.2f} GFLOP/image forward, {train_flops / 1e9:.2f} per training image")
-        rows = {}
-        for path in paths:
-            r = run_worker(a, config, path)
-            rows[path] = r
-            peak = peak_fast if path == "fast" else peak32
-            gf_train = train_flops * n / r["train_s"] / 1e9
-            gf_fwd = fwd_flops * n / r["forward_s"] / 1e9
-            mem = "max_memory_allocated" if device.type == "cuda" else "peak RSS"
-            print(f"  {path:9s} train {n / r['train_s']:7.2f} img/s ({r['train_s']:.3f} s/step, "
-                  f"{gf_train:.0f} GFLOP/s = {gf_train / peak:.0%} of peak)\n"
-                  f"            sample {n / r['sample_s']:7.1f} guided evals/s ({r['sample_s']:.3f} s per CFG step "
-                  f"of {n})\n"
-                  f"            forward {r['forward_s']:.3f} s ({gf_fwd:.0f} GFLOP/s = {gf_fwd / peak:.0%} of peak)\n"
-                  f"            {mem}: training {r['train_peak_gb']:.2f} GB, whole run {r['peak_gb']:.2f} GB, "
-                  f"at start {r['base_gb']:.2f} GB | channels_last={r['channels_last']}, {r['precision']}")
-        for path in ("fast", "fast-fp32"):
-            if path in rows and "faithful" in rows:
-                f, o = rows[path], rows["faithful"]
-                print(f"  {path}/faithful: train {o['train_s'] / f['train_s']:.1f}x, "
-                      f"sample {o['sample_s'] / f['sample_s']:.1f}x, forward {o['forward_s'] / f['forward_s']:.1f}x, "
-                      f"train peak memory {f['train_peak_gb'] / o['train_peak_gb']:.2f}x")
+        print_config(a, config, paths, {"fast": peak_fast, "fast-fp32": peak32, "faithful": peak32}, device)
+
+
+def print_config(a, config, paths, peaks, device):
+    """One configuration's rows: each path in its own process, then the fast/faithful ratios."""
+    cfg = CONFIGS[config]
+    fwd_flops, train_flops = count_flops(cfg)
+    n = cfg["batch"]
+    print(f"\n[{config}] {cfg['image_size']}x{cfg['image_size']}x{cfg['channels']}, base_width "
+          f"{cfg['base_width']}, batch {n}, UNet_conditional({NUM_CLASSES} classes); "
+          f"{fwd_flops / 1e9:.2f} GFLOP/image forward, {train_flops / 1e9:.2f} per training image")
+    rows = {}
+    for path in paths:
+        r = rows[path] = run_worker(a, config, path)
+        peak = peaks[path]
+        gf_train = train_flops * n / r["train_s"] / 1e9
+        gf_fwd = fwd_flops * n / r["forward_s"] / 1e9
+        mem = "max_memory_allocated" if device.type == "cuda" else "peak RSS"
+        print(f"  {path:9s} train {n / r['train_s']:7.2f} img/s ({r['train_s']:.3f} s/step, "
+              f"{gf_train:.0f} GFLOP/s = {gf_train / peak:.0%} of peak)\n"
+              f"            sample {n / r['sample_s']:7.1f} guided evals/s ({r['sample_s']:.3f} s per CFG step "
+              f"of {n})\n"
+              f"            forward {r['forward_s']:.3f} s ({gf_fwd:.0f} GFLOP/s = {gf_fwd / peak:.0%} of peak)\n"
+              f"            {mem}: training {r['train_peak_gb']:.2f} GB, whole run {r['peak_gb']:.2f} GB, "
+              f"at start {r['base_gb']:.2f} GB | channels_last={r['channels_last']}, {r['precision']}")
+    for path in ("fast", "fast-fp32"):
+        if path in rows and "faithful" in rows:
+            f, o = rows[path], rows["faithful"]
+            print(f"  {path}/faithful: train {o['train_s'] / f['train_s']:.1f}x, "
+                  f"sample {o['sample_s'] / f['sample_s']:.1f}x, forward {o['forward_s'] / f['forward_s']:.1f}x, "
+                  f"train peak memory {f['train_peak_gb'] / o['train_peak_gb']:.2f}x")
 
 
 def cpu_name():

@@ -5,7 +5,7 @@
 OpenMP: the default configuration's training step (UNet_conditional, width 16, 16x16x1, batch 64, fused
 AdamW) in fresh processes, on an idle CPU and with two jobs sharing it; libgomp reads its settings once,
 when torch loads it. bf16: the default configuration's and the original's (64x64, width 64, batch 12) training
-step in fp32 and under CPU bf16 autocast, contiguous NCHW both: the input to utils.autocast_dtype's choice,
+step in fp32 and under CPU bf16 autocast, contiguous NCHW both: the input to hardware.autocast_dtype's choice,
 which takes bf16 only on CPUs with AMX; and the 64x64 attention layer's forward and backward in fp32, bf16, and
 as modules.CPUBf16Attention runs it.
 """
@@ -15,7 +15,7 @@ import sys
 
 SETTINGS = [("libgomp's default spin", {"OMP_WAIT_POLICY": "", "GOMP_SPINCOUNT": ""}),
             ("OMP_WAIT_POLICY=PASSIVE (no spin)", {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": ""}),
-            ("GOMP_SPINCOUNT=3000 (ddpm.py's default)", {"OMP_WAIT_POLICY": "", "GOMP_SPINCOUNT": "3000"})]
+            ("GOMP_SPINCOUNT=3000 (hardware.py's default)", {"OMP_WAIT_POLICY": "", "GOMP_SPINCOUNT": "3000"})]
 
 STEP = """
 import sys, time, torch
@@ -40,7 +40,7 @@ for _ in range(steps):
 print((time.perf_counter() - t0) / steps)
 """
 ATTENTION = """
-import ddpm, time, torch
+import hardware, time, torch
 import torch.nn.functional as F
 from modules import CPUBf16Attention
 def sdpa(q, k, v):
@@ -72,7 +72,7 @@ if __name__ == "__main__":
     print("| OpenMP setting | idle machine | two such jobs at once |\n|---|---|---|")
     for name, env in SETTINGS:
         print(f"| {name} | {ms_per_step(env, 1, 30):.0f} ms | {ms_per_step(env, 2, 15):.0f} ms |", flush=True)
-    from utils import cpu_has_amx_bf16
+    from hardware import cpu_has_amx_bf16
 
     amx = cpu_has_amx_bf16()
     print(f"\n| training step (this CPU {'has' if amx else 'lacks'} AMX) | fp32 | bf16 autocast |\n|---|---|---|")

@@ -1,0 +1,243 @@
+"""Sample quality that works offline: a small in-domain classifier (the judge), the Frechet distance on its
+features with a real-vs-real floor, and standard FID when pytorch-fid's Inception weights are at hand.
+
+  * label accuracy: the share of conditional samples the judge puts in their own class;
+  * class histogram: how unconditional samples spread over the classes (mode dropping shows here);
+  * in-domain FD: the Frechet distance between the judge's penultimate features of generated images and of
+    real images it never trained on, printed next to the real-vs-real floor at the same sample count (FD is
+    biased upwards at small counts, so only the distance to the floor means something).
+"""
+import hashlib
+import os
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from checkpoints import atomic_save, load_checkpoint
+from diffusion import to_uint8
+from utils import IMAGE_EXTENSIONS, UserError, make_dataset, prepare_mnist
+
+CLASSIFIER_VERSION = 2  # bump when the classifier or its training changes: old caches are not reused
+FID_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
+
+
+# ---- the Frechet distance --------------------------------------------------------------------------------
+
+def _psd_sqrt(s):
+    w, v = torch.linalg.eigh(s)
+    return (v * w.clamp(min=0).sqrt()) @ v.T
+
+
+def frechet_distance(f1, f2):
+    """||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr sqrt(S1 S2) between Gaussians fitted to two feature sets
+    (N, D) (Heusel et al. 2017). S1 S2 is similar to sqrt(S1) S2 sqrt(S1), which is symmetric PSD, so the
+    trace of its square root is the sum of the square roots of that matrix's eigenvalues: no scipy."""
+    f1 = torch.as_tensor(np.asarray(f1), dtype=torch.float64)
+    f2 = torch.as_tensor(np.asarray(f2), dtype=torch.float64)
+    if f1.dim() != 2 or f2.dim() != 2 or f1.shape[1] != f2.shape[1] or len(f1) < 2 or len(f2) < 2:
+        raise ValueError(f"need two (N >= 2, D) feature sets of the same D, got {tuple(f1.shape)}, {tuple(f2.shape)}")
+    mu1, mu2 = f1.mean(0), f2.mean(0)
+    s1, s2 = torch.cov(f1.T).reshape(f1.shape[1], -1), torch.cov(f2.T).reshape(f2.shape[1], -1)
+    r1 = _psd_sqrt(s1)
+    m = r1 @ s2 @ r1
+    tr_covmean = torch.linalg.eigvalsh((m + m.T) / 2).clamp(min=0).sqrt().sum()
+    return float(((mu1 - mu2) ** 2).sum() + s1.trace() + s2.trace() - 2 * tr_covmean)
+
+
+# ---- the in-domain classifier --------------------------------------------------------------------------
+
+class Classifier(nn.Module):
+    """The judge: a small CNN with BatchNorm and dropout; its 128 penultimate features (after the ReLU) are
+    what the in-domain FD compares."""
+
+    def __init__(self, channels, num_classes, width=32, dropout=0.3):
+        super().__init__()
+
+        def conv(c_in, c_out):
+            return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
+
+        w = width
+        self.body = nn.Sequential(
+            *conv(channels, w), *conv(w, w), nn.MaxPool2d(2),
+            *conv(w, 2 * w), *conv(2 * w, 2 * w), nn.MaxPool2d(2),
+            nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Dropout(dropout),
+            nn.Linear(2 * w * 16, 128), nn.ReLU(),
+        )
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(128, num_classes))
+
+    def forward(self, x):
+        f = self.body(x)
+        return self.head(f), f
+
+
+def shift_and_rotate(x, generator, shift=2, degrees=10):
+    """The judge's augmentation: each image moved by up to +-shift whole pixels and turned by up to
+    +-degrees, in one affine resampling; what comes in at the borders is background (-1)."""
+    n, _, h, w = x.shape
+    angle = (torch.rand(n, generator=generator) * 2 - 1) * degrees * torch.pi / 180
+    dx, dy = (torch.randint(-shift, shift + 1, (2, n), generator=generator).float() * 2
+              / torch.tensor([[w], [h]]))  # affine_grid measures in [-1, 1]: a pixel is 2 / size
+    theta = torch.stack([torch.stack([angle.cos(), -angle.sin(), dx], 1),
+                         torch.stack([angle.sin(), angle.cos(), dy], 1)], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x + 1, grid, mode="bilinear", padding_mode="zeros", align_corners=False) - 1
+
+
+def to_float(images):
+    """uint8 (N, C, H, W) to the [-1, 1] floats the networks see."""
+    return images.float() / 255 * 2 - 1
+
+
+class Evaluator:
+    """The judge (trained on first use, then cached in models/) and fixed real reference images.
+
+    The dataset is split once, by a fixed seed: 80% trains the judge, the held-out 20% is halved into A and
+    B. Generated images are compared with B; A vs B is the real-vs-real floor. Real images are the dataset's
+    images as they are (resized, centre cropped, uint8; no augmentation, whatever crop the diffusion model
+    trained with), so FD measures the distance from the user's data. The judge trains on its share with
+    random shifts and small rotations; its accuracy on A and B is `heldout_acc`. The diffusion model itself
+    saw all images: "held out" is from the judge."""
+
+    def __init__(self, dataset_path=None, image_size=16, channels=1, device="cpu", cache_dir="models",
+                 epochs=20, seed=0, log=print, train_share=0.8):
+        self.device, self.log = torch.device(device), log
+        dataset_path = dataset_path or prepare_mnist()
+        self.dataset = make_dataset(dataset_path, image_size, channels, "center")
+        self.classes = list(getattr(self.dataset, "classes", ["all"]))
+        if len(self.classes) < 2:
+            raise UserError(f"{dataset_path}: the in-domain classifier needs an ImageFolder with at least "
+                            "two class subfolders")
+        n = len(self.dataset)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+        n_train = int(train_share * n)
+        half = (n - n_train) // 2
+        self.train_idx = order[:n_train]
+        a_idx, b_idx = order[n_train:n_train + half], order[n_train + half:n_train + 2 * half]
+        self.real_a, self.labels_a = self.real_images(a_idx)
+        self.real_b, self.labels_b = self.real_images(b_idx)
+
+        recipe = (CLASSIFIER_VERSION, image_size, channels, epochs, seed, train_share)
+        path = os.path.join(cache_dir, f"classifier_{self.cache_key(dataset_path, recipe)}.pt")
+        with torch.random.fork_rng(devices=[]):  # the same classifier whatever ran before
+            torch.manual_seed(seed)
+            self.net = Classifier(channels, len(self.classes)).to(self.device)
+        if os.path.isfile(path):
+            saved = load_checkpoint(path)
+            self.net.load_state_dict(saved["state_dict"])
+            self.heldout_acc = saved["heldout_acc"]
+        else:
+            self.train_classifier(epochs, seed)
+            self.heldout_acc = self.accuracy(torch.cat([self.real_a, self.real_b]),
+                                             torch.cat([self.labels_a, self.labels_b]))
+            atomic_save({"state_dict": {k: v.cpu() for k, v in self.net.state_dict().items()},
+                         "heldout_acc": self.heldout_acc, "classes": self.classes}, path)
+            log(f"classifier: trained, held-out accuracy {self.heldout_acc:.4f}, cached in {path}")
+        self.net.eval()
+        self.feat_b = self.features(self.real_b)[1]
+
+    @staticmethod
+    def cache_key(dataset_path, recipe):
+        """Changes with the data (file names and sizes) and the judge's recipe (image format included)."""
+        h = hashlib.sha1(repr(recipe).encode())
+        for root, dirs, files in sorted(os.walk(dataset_path)):
+            dirs.sort()
+            for f in sorted(files):
+                if f.lower().endswith(IMAGE_EXTENSIONS):
+                    p = os.path.join(root, f)
+                    h.update(f"{os.path.relpath(p, dataset_path)}:{os.path.getsize(p)}".encode())
+        return h.hexdigest()[:12]
+
+    def real_images(self, idx):
+        """Dataset images as they are (resized, centre cropped) as uint8, and their labels."""
+        items = [self.dataset[i] for i in idx]
+        return to_uint8(torch.stack([x for x, _ in items])), torch.tensor([y for _, y in items])
+
+    def train_classifier(self, epochs, seed, batch=128, lr=3e-3):
+        self.log(f"classifier: training on {len(self.train_idx)} images for {epochs} epochs (cached after)")
+        x_all, y_all = self.real_images(self.train_idx)
+        x_all, g = to_float(x_all), torch.Generator().manual_seed(seed)
+        opt = torch.optim.AdamW(self.net.parameters(), lr=lr, weight_decay=5e-4)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=epochs * -(-len(x_all) // batch))
+        self.net.train()
+        for _ in range(epochs):
+            perm = torch.randperm(len(x_all), generator=g)
+            for i in range(0, len(x_all), batch):
+                b = perm[i:i + batch]
+                logits = self.net(shift_and_rotate(x_all[b], g).to(self.device))[0]
+                loss = F.cross_entropy(logits, y_all[b].to(self.device))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+        self.net.eval()
+
+    @torch.inference_mode()
+    def features(self, images, batch=500):
+        """(logits, penultimate features) of uint8 images."""
+        logits, feats = [], []
+        for i in range(0, len(images), batch):
+            lg, f = self.net(to_float(images[i:i + batch]).to(self.device))
+            logits.append(lg.cpu()), feats.append(f.cpu())
+        return torch.cat(logits), torch.cat(feats)
+
+    def accuracy(self, images, labels):
+        return float((self.features(images)[0].argmax(1) == labels).float().mean())
+
+    def evaluate(self, images, labels=None):
+        """A dict: n; the judge's class histogram and the share it classifies with confidence >= 0.9; with
+        labels, the label accuracy overall and per class; the FD against B, and the floor (A vs B)."""
+        if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1:] != self.real_b.shape[1:]:
+            raise UserError(f"samples must be uint8 {tuple(self.real_b.shape[1:])} images like the dataset's at "
+                            f"this --image-size/--channels, got {images.dtype} {tuple(images.shape[1:])}")
+        logits, feats = self.features(images)
+        confidence, pred = logits.softmax(1).max(1)
+        k = min(len(images), len(self.real_a))  # the floor can only use as many real images as A holds
+        out = {"n": len(images), "fd_n": k, "fd": frechet_distance(feats[:k], self.feat_b),
+               "fd_floor": frechet_distance(self.features(self.real_a[:k])[1], self.feat_b),
+               "classifier_acc": self.heldout_acc, "confident": float((confidence >= 0.9).float().mean()),
+               "histogram": torch.bincount(pred, minlength=len(self.classes)).tolist()}
+        if labels is not None:
+            labels = torch.as_tensor(labels)
+            right = (pred == labels).float()
+            out["label_acc"] = float(right.mean())
+            out["class_acc"] = [float(right[labels == c].mean()) for c in labels.unique().tolist()]
+        return out
+
+
+# ---- standard FID with pytorch-fid's Inception, when its weights are at hand ---------------------------
+
+def inception_extractor(weights_path, device="cpu"):
+    """pytorch-fid's FID InceptionV3 (pool3, 2048 features) built from a local weights file, never from the
+    network. Returns a function from uint8 images to (N, 2048) features."""
+    if weights_path is None:
+        raise UserError("FID needs Inception weights: pass --inception-weights PATH to pytorch-fid's "
+                        f"{FID_WEIGHTS_NAME}")
+    if not os.path.isfile(weights_path):
+        raise UserError(f"--inception-weights {weights_path}: no such file (want pytorch-fid's {FID_WEIGHTS_NAME})")
+    try:
+        from unittest import mock
+
+        import pytorch_fid.inception as pfi
+    except ImportError:
+        raise UserError("--inception-weights needs the pytorch-fid package: pip install pytorch-fid") from None
+    state = load_checkpoint(weights_path)
+    # pytorch-fid fetches its weights by URL inside the constructor: hand it the local file instead
+    with mock.patch.object(pfi, "load_state_dict_from_url", lambda *a, **k: state):
+        net = pfi.InceptionV3([pfi.InceptionV3.BLOCK_INDEX_BY_DIM[2048]]).to(device).eval()
+
+    @torch.inference_mode()
+    def extract(images):
+        x = images.float().to(device) / 255  # pytorch-fid takes [0, 1] and resizes to 299 itself
+        return net(x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x)[0].flatten(1).cpu()
+
+    return extract
+
+
+def fid(images, real_images, extractor, batch=100):
+    """FID between two sets of uint8 images under a feature extractor (Inception, or a stand-in in tests)."""
+    def feats(x):
+        return torch.cat([extractor(x[i:i + batch]) for i in range(0, len(x), batch)])
+
+    return frechet_distance(feats(images), feats(real_images))

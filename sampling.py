@@ -1,0 +1,66 @@
+"""Sampling from a trained run: its network and diffusion rebuilt from the checkpoint and config.json, and
+images generated in batches (sample.py, evaluate.py and the benchmarks call these)."""
+import dataclasses
+import re
+
+import torch
+
+from checkpoints import load_model, resolve_ckpt
+from hardware import autocast
+from utils import UserError
+
+
+def load_for_sampling(ckpt, device, **overrides):
+    """(checkpoint path, model in eval mode, its RunConfig, its Diffusion) for a checkpoint or run folder.
+    overrides (e.g. image_size=32, noise_steps=...) replace the config's values where not None."""
+    path = resolve_ckpt(ckpt)
+    model, config = load_model(path, device)
+    config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
+    if config.image_size <= 0 or config.image_size % 8:
+        raise UserError(f"--image-size {config.image_size} is not a positive multiple of 8 (the UNet halves "
+                        f"it three times): try {max(8, config.image_size // 8 * 8)}")
+    if config.noise_steps < 2:
+        raise UserError(f"--noise-steps must be at least 2, got {config.noise_steps}")
+    return path, model, config, config.make_diffusion(device)
+
+
+def parse_labels(text, num_classes):
+    """'6', '0-9', '1,3,5' or '0-4,7' to a list of ints, each checked against the checkpoint's classes."""
+    labels = []
+    for part in text.replace(" ", "").split(","):
+        m = re.fullmatch(r"(-?\d+)(?:-(-?\d+))?", part)
+        if not m or (m[2] is not None and int(m[2]) < int(m[1])):
+            raise UserError(f"--labels {text}: write one label (6), a range (0-9) or a list (1,3,5)")
+        labels += range(int(m[1]), int(m[2] if m[2] is not None else m[1]) + 1)
+    bad = sorted({x for x in labels if not 0 <= x < num_classes})
+    if bad:
+        raise UserError(f"--labels {text}: label(s) {', '.join(map(str, bad))} out of range: the checkpoint "
+                        f"has {num_classes} classes, 0-{num_classes - 1}")
+    return labels
+
+
+def labels_for(config, text, ckpt="the checkpoint"):
+    """The labels a --labels option asks of this model (every class by default; None when unconditional)."""
+    if config.conditional:
+        return parse_labels(text, config.num_classes) if text is not None else list(range(config.num_classes))
+    if text is not None:
+        raise UserError(f"--labels {text}: {ckpt} is an unconditional checkpoint and takes no labels")
+    return None
+
+
+def generate(model, diffusion, n, labels=None, cfg_scale=3.0, sampler="ddim", steps=None, eta=1.0,
+             seed=None, batch_size=500, progress=True, amp_dtype=None):
+    """n images per label (or n in all without labels) as uint8 (N, C, H, W), label-major, and their labels
+    (None for an unconditional model). The same seed and batch size give the same images. amp_dtype: the
+    network runs under that autocast (hardware.autocast_dtype), None for fp32."""
+    g = torch.Generator().manual_seed(seed) if seed is not None else None
+    all_labels = torch.tensor(labels).repeat_interleave(n) if labels is not None else None
+    total = n * len(labels) if labels is not None else n
+    out = []
+    for i in range(0, total, batch_size):
+        b = min(batch_size, total - i)
+        y = all_labels[i:i + b] if all_labels is not None else None
+        with autocast(diffusion.device, amp_dtype):
+            out.append(diffusion.sample(model, b, y, cfg_scale=cfg_scale, sampler=sampler, steps=steps, eta=eta,
+                                        generator=g, progress=progress).cpu())
+    return torch.cat(out), all_labels
