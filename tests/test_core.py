@@ -8,7 +8,8 @@ import torch
 from conftest import REFERENCE, deterministic_weights, write_images
 from ddpm import Diffusion, to_uint8
 from modules import EMA, UNet, UNet_conditional, set_original_attention
-from utils import get_data, load_weights, plot_images, save_images
+from checkpoints import load_weights
+from utils import get_data, plot_images, save_images
 
 
 def reference_keys(name):

@@ -11,7 +11,7 @@ from conftest import ROOT
 from ddpm import Diffusion
 from modules import UNet_conditional
 from test_train import TINY
-from utils import load_checkpoint, load_weights
+from checkpoints import load_checkpoint, load_weights
 
 
 def solid_color_folder(root):

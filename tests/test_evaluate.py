@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 import evaluate
-from evaluate import Evaluator, fid, frechet_distance, inception_extractor
+from quality import Evaluator, fid, frechet_distance, inception_extractor
 from utils import UserError
 
 
@@ -109,3 +109,38 @@ def test_evaluate_cli_on_a_sample_folder(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit) as e:
         evaluate.main(["--samples", str(tmp_path / "none"), "--dataset-path", data])
     assert e.value.code == 2 and capsys.readouterr().err.startswith("error: ")
+
+
+def test_real_references_are_the_images_as_they_are(tmp_path):
+    """No random crop or other augmentation: the same references every time, each the file's image resized."""
+    data = make_folder(tmp_path / "data", n_per_class=10)
+    evs = [Evaluator(data, image_size=8, channels=1, cache_dir=str(tmp_path / "models"), epochs=1, log=print)
+           for _ in range(2)]
+    assert torch.equal(evs[0].real_a, evs[1].real_a) and torch.equal(evs[0].real_b, evs[1].real_b)
+    first = evs[0].dataset.samples[0][0] if hasattr(evs[0].dataset, "samples") else evs[0].dataset.files[0]
+    resized = np.asarray(Image.open(first).convert("L").resize((8, 8), Image.BILINEAR), dtype=np.float64)
+    from quality import to_float
+
+    mine = (to_float(evs[0].real_images([0])[0])[0, 0].numpy() + 1) * 127.5
+    assert np.abs(mine - resized).mean() < 8  # antialiased resize vs PIL's bilinear: close, not zoomed
+
+
+def test_the_judges_cache_key_follows_its_recipe(tmp_path):
+    data = make_folder(tmp_path / "data", n_per_class=4)
+    recipes = [(version, 16, 1, epochs, 0, share) for version in (1, 2) for epochs in (12, 20) for share in (0.6, 0.8)]
+    assert len({Evaluator.cache_key(data, r) for r in recipes}) == len(recipes)
+    before = Evaluator.cache_key(data, recipes[0])
+    Image.fromarray(np.zeros((12, 12), np.uint8), mode="L").save(os.path.join(data, "0", "extra.png"))
+    assert Evaluator.cache_key(data, recipes[0]) != before  # new data, new judge
+
+
+def test_shift_and_rotate_moves_whole_pixels_and_fills_with_background():
+    from quality import shift_and_rotate
+
+    x = -torch.ones(64, 1, 8, 8)
+    x[:, :, 3, 3] = 1  # one bright pixel on the background
+    out = shift_and_rotate(x, torch.Generator().manual_seed(0), shift=2, degrees=0)
+    peaks = [divmod(int(img.argmax()), 8) for img in out[:, 0]]
+    assert all(abs(r - 3) <= 2 and abs(c - 3) <= 2 for r, c in peaks) and len(set(peaks)) > 5
+    assert torch.allclose(out.amax(dim=(1, 2, 3)), torch.ones(64), atol=1e-5)  # moved, not blurred
+    assert torch.allclose(out.amin(), torch.tensor(-1.0))

@@ -9,11 +9,13 @@ import time
 import pytest
 import torch
 
+import checkpoints
+import diffusion
 import train
-import utils
 from conftest import ROOT, write_images
 from test_train import TINY
-from utils import UserError, atomic_save, load_checkpoint
+from checkpoints import atomic_save, load_checkpoint
+from utils import UserError
 
 
 def weights(run):
@@ -79,7 +81,7 @@ def test_atomic_save_survives_a_crash_mid_write(tmp_path, monkeypatch):
         f.write(b"half a checkpoint")
         raise OSError("disk full")
 
-    monkeypatch.setattr(utils.torch, "save", broken_save)
+    monkeypatch.setattr(checkpoints.torch, "save", broken_save)
     with pytest.raises(OSError):
         atomic_save({"w": torch.zeros(3)}, path)
     monkeypatch.undo()
@@ -91,7 +93,7 @@ def test_non_finite_loss_stops_without_saving(image_folder, in_tmp, capsys, monk
     common = ["--dataset-path", image_folder, *TINY, "--run-name", "r"]
     train.main(True, common + ["--epochs", "1"])
     before = weights("r")
-    monkeypatch.setattr(train.F, "mse_loss",
+    monkeypatch.setattr(diffusion.F, "mse_loss",
                         lambda pred, target, **kw: torch.full_like(pred, float("nan"), requires_grad=True))
     code, err = run_main(common + ["--epochs", "2", "--resume"], capsys)
     assert code == 2 and "loss became nan" in err

@@ -9,24 +9,28 @@ import torch
 from PIL import Image
 
 import sample
+from checkpoints import save_config
+from config import RunConfig
 from modules import UNet, UNet_conditional
 from train import rng_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def make_run(folder, conditional=True, channels=1, num_classes=3, image_size=8, state=True):
-    """A run folder as train.py leaves it: ema_ckpt.pt (a plain state_dict) and state.pt, whose args hold the
-    settings, beside the RNG states."""
+def make_run(folder, conditional=True, channels=1, num_classes=3, image_size=8, config=True, legacy=False):
+    """A run folder as train.py leaves it: ema_ckpt.pt (a plain state_dict) and config.json; legacy=True
+    writes an earlier version's state.pt, whose "args" held the settings, instead of config.json."""
     torch.manual_seed(0)
     net = UNet_conditional(channels, channels, num_classes=num_classes, base_width=8) if conditional \
         else UNet(channels, channels, base_width=8)
     os.makedirs(folder, exist_ok=True)
     torch.save(net.state_dict(), os.path.join(folder, "ema_ckpt.pt"))
-    if state:
-        args = dict(image_size=image_size, channels=channels, base_width=8, num_classes=num_classes,
-                    noise_steps=20)
-        torch.save({"args": args, "rng": rng_state()}, os.path.join(folder, "state.pt"))
+    settings = dict(conditional=conditional, image_size=image_size, channels=channels, base_width=8,
+                    num_classes=num_classes, noise_steps=20)
+    if legacy:
+        torch.save({"args": settings, "rng": rng_state()}, os.path.join(folder, "state.pt"))
+    elif config:
+        save_config(RunConfig(**settings), str(folder))
     return os.path.join(folder, "ema_ckpt.pt")
 
 
@@ -41,14 +45,15 @@ def run(argv, capsys):
     return code, out.out, out.err
 
 
-def test_grid_with_settings_from_the_checkpoint_and_state(tmp_path, capsys):
-    ckpt = make_run(tmp_path / "run")
+@pytest.mark.parametrize("legacy", [False, True])
+def test_grid_with_settings_from_the_run(tmp_path, capsys, legacy):
+    ckpt = make_run(tmp_path / "run", legacy=legacy)  # config.json, or an earlier version's state.pt
     out = tmp_path / "grid.png"
     code, stdout, _ = run(["--ckpt", str(ckpt), "--labels", "0-2", "--n", "2", "--steps", "3", "--seed", "0",
                            "--out", str(out)], capsys)
     assert code == 0 and "wrote 6 images" in stdout
     img = Image.open(out)
-    # 8x8 images from state.pt's image_size, 2 per row, one row per label, make_grid's 2-pixel padding
+    # 8x8 images from the run's image_size, 2 per row, one row per label, make_grid's 2-pixel padding
     assert img.size == (2 * 10 + 2, 3 * 10 + 2)
 
 
@@ -64,7 +69,7 @@ def test_folders_per_label_and_comma_list(tmp_path, capsys):
 
 
 def test_run_folder_unconditional_rgb_and_default_size_without_state(tmp_path, capsys):
-    make_run(tmp_path / "run", conditional=False, channels=3, state=False)
+    make_run(tmp_path / "run", conditional=False, channels=3, config=False)
     out = tmp_path / "flat"
     out.mkdir()  # an existing folder means single images
     code, _, _ = run(["--ckpt", str(tmp_path / "run"), "--n", "2", "--steps", "2", "--noise_steps", "20",
@@ -90,9 +95,9 @@ def test_same_seed_same_images_and_underscore_aliases(tmp_path, capsys):
 
 
 def test_amp_flag_sets_the_networks_precision(tmp_path, capsys, monkeypatch):
-    import utils
+    import hardware
 
-    monkeypatch.setattr(utils, "cpu_has_amx_bf16", lambda: True)  # as on an AMX CPU, whatever this one is
+    monkeypatch.setattr(hardware, "cpu_has_amx_bf16", lambda: True)  # as on an AMX CPU, whatever this one is
     ckpt = make_run(tmp_path / "run")
     dtypes, real_generate = {}, sample.generate
 

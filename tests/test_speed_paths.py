@@ -163,18 +163,18 @@ def test_bf16_autocast_close_to_faithful(device):
 
 
 def test_precision_and_layout_are_chosen_per_device(monkeypatch):
-    import utils
+    import hardware
 
     cpu = torch.device("cpu")
-    monkeypatch.setattr(utils, "cpu_has_amx_bf16", lambda: True)
-    assert utils.autocast_dtype(cpu) == torch.bfloat16 and utils.autocast_dtype(cpu, amp=False) is None
-    monkeypatch.setattr(utils, "cpu_has_amx_bf16", lambda: False)  # emulated bf16: ~75x slower, so fp32
-    assert utils.autocast_dtype(cpu) is None
-    assert utils.autocast_dtype(torch.device("mps")) is None
+    monkeypatch.setattr(hardware, "cpu_has_amx_bf16", lambda: True)
+    assert hardware.autocast_dtype(cpu) == torch.bfloat16 and hardware.autocast_dtype(cpu, amp=False) is None
+    monkeypatch.setattr(hardware, "cpu_has_amx_bf16", lambda: False)  # emulated bf16: ~75x slower, so fp32
+    assert hardware.autocast_dtype(cpu) is None
+    assert hardware.autocast_dtype(torch.device("mps")) is None
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
-    assert utils.fast_memory_format(cpu) == torch.contiguous_format
+    assert hardware.fast_memory_format(cpu) == torch.contiguous_format
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
-    assert utils.fast_memory_format(cpu) == torch.channels_last
+    assert hardware.fast_memory_format(cpu) == torch.channels_last
 
 
 @pytest.mark.parametrize("saved, resumed", [(torch.channels_last, torch.contiguous_format),

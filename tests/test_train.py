@@ -10,7 +10,8 @@ import torch
 from conftest import ROOT
 from ddpm import Diffusion
 from modules import UNet, UNet_conditional
-from utils import load_checkpoint, load_weights, prepare_mnist
+from checkpoints import load_checkpoint, load_weights
+from utils import prepare_mnist
 
 TINY = ["--image-size", "8", "--base-width", "8", "--batch-size", "4", "--sample-steps", "3",
         "--n-samples", "4", "--seed", "0", "--noise-steps", "50"]
@@ -47,7 +48,7 @@ def test_help_lists_every_setting(tmp_path):
 
 
 def test_original_preset_is_the_originals():
-    from train import parse_args, resolve_args
+    from options import parse_args, resolve_args
 
     a, _ = resolve_args(parse_args(False, ["--preset", "original"]))
     assert (a.image_size, a.base_width, a.batch_size, a.lr, a.epochs, a.sampler, a.sample_interval, a.ema,
@@ -117,12 +118,12 @@ def test_cosine_schedule_decays_the_lr(image_folder, in_tmp):
 
 
 def test_amp_follows_the_device_choice(image_folder, in_tmp, monkeypatch, capsys):
-    # bf16 autocast where utils.autocast_dtype picks it (forced here, so that any CPU runs this path), fp32
+    # bf16 autocast where hardware.autocast_dtype picks it (forced here, so that any CPU runs this path), fp32
     # with --no-amp: the runs differ, both train to finite weights, and each says which precision it used
     import train
-    import utils
+    import hardware
 
-    monkeypatch.setattr(utils, "cpu_has_amx_bf16", lambda: True)
+    monkeypatch.setattr(hardware, "cpu_has_amx_bf16", lambda: True)
     monkeypatch.setattr(train, "fast_memory_format", lambda device: torch.channels_last)
     sds = []
     for name, flag in (("bf16", "--amp"), ("fp32", "--no-amp")):

@@ -1,0 +1,175 @@
+"""Sample quality against optimizer steps: short training runs of named recipes, each scored by the judge
+(quality.py) at several points, printed as a markdown table and plotted.
+
+    python bench_quality.py                                        # default vs the original's recipe, seed 0
+    python bench_quality.py --recipes default --seeds 0,1,2 --steps 1000
+    python bench_quality.py --unconditional --recipes default --steps 1000
+    python bench_quality.py --steps 250,500,1000,1500 --plot docs/quality.png
+
+Each run trains in models/bench_quality/ on the bundled digits (or --dataset-path) from its preset with the
+recipe's changes; it stops at the epoch that reaches each of --steps, is scored there (EMA weights, --n
+samples per label drawn with the run's grid sampler), then resumes exactly to the next point. Runs already
+there are reused. Conditional models: label accuracy (overall and the worst class); unconditional ones: the
+share of samples the judge classifies with confidence >= 0.9 and the spread over classes; both: the
+in-domain FD against held-out real images, next to the real-vs-real floor.
+"""
+import hardware  # noqa: F401, I001  (first: it sets the OpenMP spin before torch loads)
+
+import argparse
+import math
+import os
+import sys
+import time
+
+import torch
+
+import train
+from checkpoints import load_checkpoint, load_config
+from config import preset_config, validate
+from hardware import autocast_dtype, pick_device
+from quality import Evaluator
+from sampling import generate, load_for_sampling
+from utils import UserError, get_data, option_adder, prepare_mnist
+
+# What each recipe changes from its preset ("default" is the default preset as it is).
+RECIPES = {
+    "default": ("default", {}),
+    "original": ("default", dict(min_snr_gamma=0.0, crop="random", ema_start=500)),  # its loss and data
+}
+FOLDER = "bench_quality"
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    opt = option_adder(p)
+    opt("--recipes", default="default,original", help=f"comma-separated, of: {', '.join(RECIPES)}")
+    opt("--seeds", default="0", help="comma-separated training seeds (default: 0)")
+    opt("--steps", default="1000", help="comma-separated optimizer steps to score at (each rounded up to "
+                                        "a whole epoch; default: 1000)")
+    opt("--unconditional", action="store_true", help="ddpm.py's model instead of ddpm_conditional.py's")
+    opt("--n", type=int, default=50, help="samples per label (unconditional: 10x this in all; default: 50)")
+    opt("--dataset-path", help="an ImageFolder (default: the bundled MNIST digits)")
+    opt("--device", default="auto", help="default: auto")
+    opt("--plot", help="also plot label accuracy (or confident share) and FD against steps to this PNG")
+    opt("--out", default="results/bench_quality.md", help="the table is also written here")
+    return p
+
+
+def recipe_config(name, seed, conditional, dataset_path):
+    preset, changes = RECIPES[name]
+    config = preset_config(preset, conditional)
+    for key, value in changes.items():
+        setattr(config, key, value)
+    config.seed, config.dataset_path = seed, dataset_path
+    config.channels = config.channels or 1
+    config.run_name = os.path.join(FOLDER, f"{'c' if conditional else 'u'}_{name}_s{seed}")
+    return validate(config)
+
+
+def train_to(config, epochs):
+    """Train the run to exactly `epochs`: resumed when it has fewer, started again when it has more."""
+    run_dir = os.path.join("models", config.run_name)
+    state = os.path.join(run_dir, "state.pt")
+    done = load_checkpoint(state)["epoch"] if os.path.isfile(state) else None
+    if done is not None and done < epochs:
+        saved = load_config(run_dir)
+        saved.epochs = epochs
+        train.train(saved, resuming=True)
+    elif done != epochs:
+        config.epochs = epochs
+        train.train(config, overwrite=True)
+
+
+def score(config, ev, n, device):
+    """The judge's figures for the run's EMA weights (a dict, see quality.Evaluator.evaluate)."""
+    _, model, cfg, diffusion = load_for_sampling(os.path.join("models", config.run_name), device)
+    labels = list(range(cfg.num_classes)) if cfg.conditional else None
+    images, ys = generate(model, diffusion, n if cfg.conditional else 10 * n, labels, cfg.cfg_scale, cfg.sampler,
+                          cfg.sample_steps, cfg.eta, seed=0, progress=False, amp_dtype=autocast_dtype(device))
+    return ev.evaluate(images, ys)
+
+
+def row(recipe, seed, steps, r, secs):
+    if "label_acc" in r:
+        first = f"{r['label_acc']:.3f} | {min(r['class_acc']):.3f}"
+    else:
+        total = sum(r["histogram"])
+        first = f"{r['confident']:.3f} | {min(r['histogram']) / total:.3f}-{max(r['histogram']) / total:.3f}"
+    return (f"| {recipe} | {seed} | {steps} | {first} | {r['fd']:.1f} | {r['fd_floor']:.1f} "
+            f"| {r['fd'] / r['fd_floor']:.2f} | {secs / 60:.1f} |")
+
+
+def main(argv=None):
+    a = build_parser().parse_args(argv)
+    try:
+        recipes, seeds = a.recipes.split(","), [int(s) for s in a.seeds.split(",")]
+        points = sorted(int(s) for s in a.steps.split(","))
+        unknown = [r for r in recipes if r not in RECIPES]
+        if unknown or min(points) <= 0 or a.n <= 0:
+            raise UserError(f"--recipes {a.recipes} / --steps {a.steps} / --n {a.n}: recipes from "
+                            f"{', '.join(RECIPES)}, positive steps and --n")
+        device = pick_device(a.device)
+        dataset_path = a.dataset_path or prepare_mnist()
+        probe = recipe_config(recipes[0], seeds[0], not a.unconditional, dataset_path)
+        ev = Evaluator(dataset_path, probe.image_size, probe.channels, device,
+                       log=lambda s: print(s, file=sys.stderr))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    what = "confident share | class share (min-max)" if a.unconditional else "label acc | worst class"
+    lines = [f"`python bench_quality.py {' '.join(argv if argv is not None else sys.argv[1:])}`", "",
+             f"judge: held-out accuracy {ev.heldout_acc:.3f}; {torch.get_num_threads()} threads, {device}", "",
+             f"| recipe | seed | steps | {what} | FD | floor | FD / floor | minutes (training so far) |",
+             "|---|---|---|---|---|---|---|---|"]
+    print("\n".join(lines), flush=True)
+    results = {}
+    for recipe in recipes:
+        for seed in seeds:
+            config = recipe_config(recipe, seed, not a.unconditional, dataset_path)
+            steps_per_epoch = len(get_data(config))
+            t0 = time.perf_counter()
+            for point in points:
+                epochs = math.ceil(point / steps_per_epoch)
+                train_to(config, epochs)
+                steps = epochs * steps_per_epoch
+                secs = time.perf_counter() - t0
+                r = results[(recipe, seed, steps)] = score(config, ev, a.n, device)
+                lines.append(row(recipe, seed, steps, r, secs))
+                print(lines[-1], flush=True)
+    os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
+    with open(a.out, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    if a.plot:
+        plot(results, a.plot, a.unconditional)
+        print(f"plotted {a.plot}", file=sys.stderr)
+
+
+def plot(results, path, unconditional):
+    """Mean over seeds of each recipe: the first figure (label accuracy or confident share) and FD/floor."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    key = "confident" if unconditional else "label_acc"
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    for recipe in dict.fromkeys(r for r, _, _ in results):
+        steps = sorted({s for r, _, s in results if r == recipe})
+        for ax, f in zip(axes, (lambda r: r[key], lambda r: r["fd"] / r["fd_floor"])):
+            ys = [sum(f(v) for (r, _, s), v in results.items() if r == recipe and s == st) /
+                  sum(1 for (r, _, s) in results if r == recipe and s == st) for st in steps]
+            ax.plot(steps, ys, marker="o", label=recipe)
+    axes[0].set_ylabel("confident share" if unconditional else "label accuracy (judge)")
+    axes[1].set_ylabel("in-domain FD / real-vs-real floor")
+    axes[1].set_yscale("log")
+    for ax in axes:
+        ax.set_xlabel("optimizer steps (batch 64)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()

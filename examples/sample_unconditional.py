@@ -1,0 +1,49 @@
+"""Load an unconditional checkpoint, sample a batch of images and plot them.
+
+    python examples/sample_unconditional.py --ckpt models/DDPM_Unconditional_mnist/ema_ckpt.pt
+
+The defaults fit the default `python ddpm.py` run (16x16 grayscale, width 16). Without a display the row
+is saved under results/plots/ and its path printed.
+"""
+import argparse
+import os
+import sys
+
+# the repo root, so that `python examples/sample_unconditional.py` finds modules.py, diffusion.py and utils.py
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import hardware  # noqa: E402, F401  (before torch: the OpenMP spin setting)
+import torch  # noqa: E402
+
+from modules import UNet  # noqa: E402
+from diffusion import Diffusion  # noqa: E402  (the original's `from ddpm import Diffusion` works too)
+from utils import plot_images  # noqa: E402
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--ckpt", default="models/DDPM_Unconditional_mnist/ema_ckpt.pt")
+    p.add_argument("--image-size", type=int, default=16)
+    p.add_argument("--channels", type=int, default=1)
+    p.add_argument("--base-width", type=int, default=16)
+    p.add_argument("--n", type=int, default=16)
+    p.add_argument("--sampler", default="ddim", choices=["ddpm", "ddim", "dpm++"])
+    p.add_argument("--steps", type=int, default=50, help="ignored by ddpm, which walks all 999 steps")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--title", default="unconditional")
+    args = p.parse_args()
+    if not os.path.isfile(args.ckpt):
+        print(f"error: --ckpt {args.ckpt}: no such file (train one with `python ddpm.py`)", file=sys.stderr)
+        sys.exit(2)
+
+    model = UNet(c_in=args.channels, c_out=args.channels, base_width=args.base_width)
+    model.load_state_dict(torch.load(args.ckpt, map_location="cpu", weights_only=True))
+    diffusion = Diffusion(img_size=args.image_size, device="cpu")
+    x = diffusion.sample(model, n=args.n, sampler=args.sampler,
+                         steps=None if args.sampler == "ddpm" else args.steps,
+                         generator=torch.Generator().manual_seed(args.seed))
+    plot_images(x, args.title)
+
+
+if __name__ == "__main__":
+    main()

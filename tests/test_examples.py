@@ -1,0 +1,76 @@
+"""The scripts in examples/ run as a user runs them: a subprocess from another folder, no display."""
+import glob
+import os
+import subprocess
+import sys
+
+import torch
+from PIL import Image
+
+from conftest import ROOT
+from modules import UNet, UNet_conditional
+
+
+def run_example(name, args, cwd):
+    env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")}
+    env.update(MPLBACKEND="Agg", OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, os.path.join(ROOT, "examples", name), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def tiny_ckpt(tmp_path, model):
+    """A randomly initialised network saved as training saves it: a plain state_dict."""
+    path = str(tmp_path / "ema_ckpt.pt")
+    torch.save(model.state_dict(), path)
+    return path
+
+
+FAST = ["--image-size", "8", "--base-width", "8", "--sampler", "ddim", "--steps", "3", "--title", "t"]
+
+
+def the_plot(tmp_path):
+    plots = glob.glob(str(tmp_path / "results" / "plots" / "t_*.png"))
+    assert len(plots) == 1, plots
+    with Image.open(plots[0]) as img:
+        img.verify()
+    return plots[0]
+
+
+def test_noising_test_writes_a_strip_of_nine_tiles(tmp_path):
+    # no data/mnist in tmp_path: the script draws its own test image
+    out = tmp_path / "strip.png"
+    r = run_example("noising_test.py", ["--image-size", "8", "--out", str(out)], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert str(out) in r.stdout
+    with Image.open(out) as img:
+        assert img.size == (2 + 9 * (8 + 2), 2 + 8 + 2)
+
+
+def test_noising_test_reads_an_image_file(tmp_path):
+    Image.new("RGB", (30, 20), (200, 10, 10)).save(tmp_path / "red.jpg")
+    r = run_example("noising_test.py", ["--image", "red.jpg", "--image-size", "8"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    with Image.open(tmp_path / "results" / "noise.jpg") as img:
+        assert img.size == (92, 12)
+
+
+def test_sample_unconditional(tmp_path):
+    ckpt = tiny_ckpt(tmp_path, UNet(c_in=1, c_out=1, base_width=8))
+    r = run_example("sample_unconditional.py", ["--ckpt", ckpt, "--n", "4", *FAST], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert os.path.relpath(the_plot(tmp_path), tmp_path) in r.stdout
+
+
+def test_sample_conditional_one_per_class(tmp_path):
+    ckpt = tiny_ckpt(tmp_path, UNet_conditional(c_in=1, c_out=1, num_classes=3, base_width=8))
+    r = run_example("sample_conditional.py", ["--ckpt", ckpt, "--num-classes", "3", "--cfg-scale", "3", *FAST],
+                    tmp_path)
+    assert r.returncode == 0, r.stderr
+    the_plot(tmp_path)
+
+
+def test_missing_ckpt_is_one_line_error(tmp_path):
+    r = run_example("sample_conditional.py", ["--ckpt", "nowhere/ema_ckpt.pt"], tmp_path)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --ckpt nowhere/ema_ckpt.pt: no such file"), r.stderr
