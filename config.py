@@ -32,7 +32,10 @@ class RunConfig:
     epochs: int = 20
     batch_size: int = 64
     lr: float = 2e-3
-    lr_schedule: str = "constant"
+    warmup_steps: int = 0  # linear warm-up from 0 to lr
+    lr_schedule: str = "constant"  # or "cosine": down to lr_floor * lr at the run's last step
+    lr_floor: float = 0.1
+    grad_clip: float = 0.0  # clip the gradient's global norm to this; 0: off
     min_snr_gamma: float = 5.0
     ema: bool = True
     ema_beta: float = 0.995
@@ -83,7 +86,8 @@ SECTIONS = {
     "network": ("conditional", "channels", "base_width", "num_classes", "time_dim"),
     "diffusion": ("noise_steps", "beta_start", "beta_end", "prediction"),
     "data": ("image_size", "dataset_path", "crop"),
-    "training": ("epochs", "batch_size", "lr", "lr_schedule", "min_snr_gamma", "ema", "ema_beta", "ema_start",
+    "training": ("epochs", "batch_size", "lr", "warmup_steps", "lr_schedule", "lr_floor", "grad_clip",
+                 "min_snr_gamma", "ema", "ema_beta", "ema_start",
                  "label_dropout", "label_dropout_mode", "seed", "data_seed"),
     "sample_grids": ("sample_interval", "n_samples", "sampler", "sample_steps", "eta", "cfg_scale"),
     "run": ("run_name", "preset", "device", "num_workers", "compile", "amp"),
@@ -118,8 +122,9 @@ def validate(c):
                  "sample_steps", "noise_steps", "num_classes"):
         if getattr(c, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(c, name)}")
-    if c.lr <= 0:
-        raise UserError(f"--lr must be positive, got {c.lr}")
+    if c.lr <= 0 or c.warmup_steps < 0 or c.grad_clip < 0 or not 0 <= c.lr_floor <= 1:
+        raise UserError(f"--lr {c.lr}, --warmup-steps {c.warmup_steps}, --grad-clip {c.grad_clip}, --lr-floor "
+                        f"{c.lr_floor}: need lr > 0, warm-up and clip >= 0, floor in [0, 1]")
     if c.image_size % 8:
         raise UserError(f"--image-size {c.image_size} is not a multiple of 8 (the UNet halves it three "
                         f"times): try {max(8, c.image_size // 8 * 8)}")

@@ -15,10 +15,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from diffusion import SAMPLERS
 from hardware import autocast_dtype, pick_device
 from quality import FID_WEIGHTS_NAME, Evaluator, fid, inception_extractor
-from sampling import generate, labels_for, load_for_sampling
+from sampling import add_sampling_options, generate, labels_for, load_for_sampling, resolve_sampling
 from utils import IMAGE_EXTENSIONS, UserError, option_adder
 
 
@@ -59,18 +58,12 @@ def build_parser():
     opt("--samples", help="a folder written by sample.py (per-label subfolders, or flat)")
     opt("--ckpt", help="or: sample from this checkpoint or run folder first (see sample.py)")
     opt("--n", type=int, default=50, help="with --ckpt: images per label (in all, unconditional; default: 50)")
-    opt("--labels", help="with --ckpt: labels to sample (default: every class)")
-    opt("--sampler", choices=SAMPLERS, help="default: the run's grid sampler")
-    opt("--steps", type=int, help="default: the run's grid steps")
-    opt("--eta", type=float, help="default: the run's")
-    opt("--cfg-scale", type=float, help="default: the run's")
+    add_sampling_options(opt)  # with --ckpt
     opt("--seed", type=int, default=0, help="default: 0")
     opt("--dataset-path", help="the training ImageFolder (default: the run's, else the bundled MNIST digits)")
     opt("--image-size", type=int, help="default: the samples' size, or the run's")
     opt("--channels", type=int, choices=(1, 3), help="with --samples (default: 1)")
     opt("--inception-weights", help=f"pytorch-fid's {FID_WEIGHTS_NAME}: also compute standard FID")
-    opt("--device", default="auto", help="default: auto")
-    opt("--amp", action=argparse.BooleanOptionalAction, default=True, help="as sample.py's --amp")
     return p
 
 
@@ -78,11 +71,8 @@ def samples_from_checkpoint(a, device):
     """(images, labels, channels, the run's dataset path) sampled from --ckpt as sample.py would."""
     ckpt, model, config, diffusion = load_for_sampling(a.ckpt, device, image_size=a.image_size)
     labels = labels_for(config, a.labels, ckpt)
-    same_sampler = a.sampler in (None, config.sampler)
-    sampler = a.sampler or config.sampler
-    steps = a.steps or (config.sample_steps if same_sampler else None)
-    images, ys = generate(model, diffusion, a.n, labels, config.cfg_scale if a.cfg_scale is None else a.cfg_scale,
-                          sampler, steps, config.eta if a.eta is None else a.eta, a.seed,
+    resolve_sampling(a, config)
+    images, ys = generate(model, diffusion, a.n, labels, a.cfg_scale, a.sampler, a.steps, a.eta, a.seed,
                           amp_dtype=autocast_dtype(device, a.amp))
     return images, ys, config.channels, config.dataset_path
 

@@ -31,8 +31,11 @@ def parse_args(conditional, argv=None):
     opt("--prediction", choices=PREDICTIONS, help="what the network predicts: the noise (eps, the original), "
                                                   "v, or the clean image x0")
     opt("--lr", type=float, help="AdamW learning rate")
-    opt("--lr-schedule", choices=("constant", "cosine"), help="constant as the original, or a cosine decay "
-                                                               "to 0 over the run's --epochs")
+    opt("--warmup-steps", type=int, help="linear learning-rate warm-up over this many steps (0: none)")
+    opt("--lr-schedule", choices=("constant", "cosine"), help="after the warm-up: constant as the original, or "
+                                                               "a cosine decay to --lr-floor x lr at the last step")
+    opt("--lr-floor", type=float, help="the cosine schedule's last rate, as a share of --lr")
+    opt("--grad-clip", type=float, help="clip the gradient's global norm (0: off, as the original)")
     opt("--min-snr-gamma", type=float, help="weight each timestep's loss by min(SNR, gamma) (Hang et al. "
                                             "2023); 0: plain MSE as the original")
     opt("--device", help="auto, cpu, cuda, cuda:N or mps")

@@ -128,7 +128,9 @@ class Evaluator:
             self.net.load_state_dict(saved["state_dict"])
             self.heldout_acc = saved["heldout_acc"]
         else:
-            self.train_classifier(epochs, seed)
+            with torch.random.fork_rng(devices=[]):  # dropout draws from the global RNG: the same judge every time
+                torch.manual_seed(seed)
+                self.train_classifier(epochs, seed)
             self.heldout_acc = self.accuracy(torch.cat([self.real_a, self.real_b]),
                                              torch.cat([self.labels_a, self.labels_b]))
             atomic_save({"state_dict": {k: v.cpu() for k, v in self.net.state_dict().items()},

@@ -17,9 +17,8 @@ import sys
 
 from PIL import Image
 
-from diffusion import SAMPLERS
 from hardware import autocast_dtype, pick_device
-from sampling import generate, labels_for, load_for_sampling
+from sampling import add_sampling_options, generate, labels_for, load_for_sampling, resolve_sampling
 from utils import UserError, option_adder, save_images
 
 def check_out(out):
@@ -55,19 +54,12 @@ def build_parser():
     p = argparse.ArgumentParser(description="Sample images from a DDPM checkpoint.")
     opt = option_adder(p)
     opt("--ckpt", required=True, help="ckpt.pt / ema_ckpt.pt, or a run folder (uses its ema_ckpt.pt)")
-    opt("--labels", help="conditional checkpoints: 6, 0-9 or 1,3,5 (default: every class)")
     opt("--n", type=int, default=8, help="images per label (in all, for an unconditional checkpoint)")
-    opt("--cfg-scale", type=float, help="classifier-free guidance scale, 0: none (default: the run's)")
-    opt("--sampler", choices=SAMPLERS, help="ddpm walks all noise steps (default: the run's grid sampler)")
-    opt("--steps", type=int, help="network evaluations per image (default: the run's, or the sampler's)")
-    opt("--eta", type=float, help="DDIM noise: 0 deterministic, 1 DDPM-like (default: the run's)")
+    add_sampling_options(opt)
     opt("--seed", type=int, help="makes the output repeatable")
     opt("--image-size", type=int, help="side in pixels, a multiple of 8 (default: the run's)")
     opt("--noise-steps", type=int, help="the T the model was trained with (default: the run's)")
     opt("--batch-size", type=int, default=500, help="images per sampling batch (default: 500)")
-    opt("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
-    opt("--amp", action=argparse.BooleanOptionalAction, default=True,
-        help="bf16 autocast on CUDA and AMX CPUs (fp16 on CUDA without bf16); --no-amp: fp32")
     opt("--out", default="samples.png", help="x.png: a grid; dir/ or an existing folder: single PNGs "
                                              "(default: samples.png)")
     opt("--no-progress", action="store_true", help="no progress bar")
@@ -79,23 +71,11 @@ def resolve(a):
     settings from the run's config. Returns (checkpoint path, model, config, labels, diffusion, as_dir)."""
     if a.n <= 0 or a.batch_size <= 0:
         raise UserError("--n and --batch-size must be positive")
-    if a.eta is not None and a.eta < 0:
-        raise UserError(f"--eta must be >= 0, got {a.eta}")
     device = pick_device(a.device)
     ckpt, model, config, diffusion = load_for_sampling(a.ckpt, device, image_size=a.image_size,
                                                        noise_steps=a.noise_steps)
     a.image_size, a.noise_steps = config.image_size, config.noise_steps
-    last = config.noise_steps - 1
-    same_sampler = a.sampler in (None, config.sampler)
-    a.sampler = a.sampler or config.sampler
-    if a.sampler == "ddpm" and a.steps not in (None, last):
-        raise UserError(f"--sampler ddpm walks all {last} steps: use ddim or dpm++ for --steps")
-    if a.steps is None:
-        a.steps = last if a.sampler == "ddpm" else min(config.sample_steps if same_sampler else SAMPLERS[a.sampler].default_steps, last)
-    if not 1 <= a.steps <= last:
-        raise UserError(f"--steps must lie in 1..{last}, got {a.steps}")
-    a.eta = config.eta if a.eta is None else a.eta
-    a.cfg_scale = config.cfg_scale if a.cfg_scale is None else a.cfg_scale
+    resolve_sampling(a, config)
     labels = labels_for(config, a.labels, ckpt)
     as_dir = check_out(a.out)
     return ckpt, model, config, labels, diffusion, as_dir

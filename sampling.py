@@ -1,11 +1,13 @@
 """Sampling from a trained run: its network and diffusion rebuilt from the checkpoint and config.json, and
 images generated in batches (sample.py, evaluate.py and the benchmarks call these)."""
+import argparse
 import dataclasses
 import re
 
 import torch
 
 from checkpoints import load_model, resolve_ckpt
+from diffusion import SAMPLERS
 from hardware import autocast
 from utils import UserError
 
@@ -22,6 +24,37 @@ def load_for_sampling(ckpt, device, **overrides):
     if config.noise_steps < 2:
         raise UserError(f"--noise-steps must be at least 2, got {config.noise_steps}")
     return path, model, config, config.make_diffusion(device)
+
+
+def add_sampling_options(opt):
+    """The options sample.py and evaluate.py share (opt: utils.option_adder); the unset ones take the run's
+    grid settings (see resolve_sampling)."""
+    opt("--labels", help="conditional checkpoints: 6, 0-9 or 1,3,5 (default: every class)")
+    opt("--sampler", choices=SAMPLERS, help="ddpm walks all noise steps (default: the run's grid sampler)")
+    opt("--steps", type=int, help="network evaluations per image (default: the run's, or the sampler's)")
+    opt("--eta", type=float, help="DDIM noise: 0 deterministic, 1 DDPM-like (default: the run's)")
+    opt("--cfg-scale", type=float, help="classifier-free guidance scale, 0: none (default: the run's)")
+    opt("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+    opt("--amp", action=argparse.BooleanOptionalAction, default=True,
+        help="bf16 autocast on CUDA and AMX CPUs (fp16 on CUDA without bf16); --no-amp: fp32")
+
+
+def resolve_sampling(a, config):
+    """Fill a's unset sampler, steps, eta and guidance scale from the run's config, and check them."""
+    last = config.noise_steps - 1
+    same_sampler = a.sampler in (None, config.sampler)
+    a.sampler = a.sampler or config.sampler
+    if a.sampler == "ddpm" and a.steps not in (None, last):
+        raise UserError(f"--sampler ddpm walks all {last} steps: use ddim or dpm++ for --steps")
+    if a.steps is None:
+        a.steps = last if a.sampler == "ddpm" else \
+            min(config.sample_steps if same_sampler else SAMPLERS[a.sampler].default_steps, last)
+    if not 1 <= a.steps <= last:
+        raise UserError(f"--steps must lie in 1..{last}, got {a.steps}")
+    if a.eta is not None and a.eta < 0:
+        raise UserError(f"--eta must be >= 0, got {a.eta}")
+    a.eta = config.eta if a.eta is None else a.eta
+    a.cfg_scale = config.cfg_scale if a.cfg_scale is None else a.cfg_scale
 
 
 def parse_labels(text, num_classes):

@@ -70,10 +70,8 @@ def train_step(run, images, labels):
     """One optimizer step on a batch, top to bottom. Returns the per-sample plain MSE (detached)."""
     c, diffusion = run.config, run.diffusion
     images = images.to(run.device, non_blocking=True).contiguous(memory_format=run.memory_format)
-    if c.lr_schedule == "cosine":
-        progress = run.global_step / (c.epochs * run.steps_per_epoch)
-        for group in run.optimizer.param_groups:
-            group["lr"] = c.lr * 0.5 * (1 + math.cos(math.pi * progress))
+    for group in run.optimizer.param_groups:
+        group["lr"] = learning_rate(c, run.global_step, c.epochs * run.steps_per_epoch)
     t, noise, u = step_randomness(run, images.shape)
     x_t, noise = diffusion.noise_images(images, t, noise)
     with autocast(run.device, run.amp_dtype):
@@ -85,12 +83,26 @@ def train_step(run, images, labels):
 
     run.optimizer.zero_grad(set_to_none=True)
     run.scaler.scale(loss).backward()
+    if c.grad_clip:
+        run.scaler.unscale_(run.optimizer)
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), c.grad_clip)
     run.scaler.step(run.optimizer)
     run.scaler.update()
     if run.ema is not None:
         run.ema.step_ema(run.ema_model, run.model)
     run.global_step += 1
     return mse.detach()
+
+
+def learning_rate(c, step, total_steps):
+    """The rate for optimizer step `step` (0-based) of `total_steps`: a linear warm-up, then constant or a
+    cosine decay from lr to lr_floor * lr at the last step."""
+    if step < c.warmup_steps:
+        return c.lr * (step + 1) / c.warmup_steps
+    if c.lr_schedule == "constant":
+        return c.lr
+    progress = (step - c.warmup_steps) / max(1, total_steps - 1 - c.warmup_steps)
+    return c.lr * (c.lr_floor + (1 - c.lr_floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
 def step_randomness(run, shape):

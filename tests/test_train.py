@@ -112,9 +112,43 @@ def test_cosine_schedule_decays_the_lr(image_folder, in_tmp):
     import train
 
     train.main(False, ["--dataset-path", image_folder, "--epochs", "2", "--run-name", "cos", "--lr", "1e-3",
-                       "--lr-schedule", "cosine", *TINY])
+                       "--lr-schedule", "cosine", "--lr-floor", "0.1", "--warmup-steps", "0", *TINY])
     lr = load_checkpoint("models/cos/optim.pt")["param_groups"][0]["lr"]
-    assert 0 < lr < 0.1e-3  # the last of 6 steps: 1e-3 * (1 + cos(pi * 5/6)) / 2
+    assert lr == pytest.approx(1e-4)  # the last of 6 steps lands on the floor
+
+
+def test_learning_rate_warms_up_then_decays_to_the_floor():
+    from config import RunConfig
+    from train import learning_rate
+
+    c = RunConfig(lr=1.0, warmup_steps=4, lr_schedule="cosine", lr_floor=0.2)
+    rates = [learning_rate(c, step, 14) for step in range(14)]
+    assert rates[:4] == [0.25, 0.5, 0.75, 1.0] and rates[4] == 1.0 and rates[-1] == pytest.approx(0.2)
+    assert all(a >= b for a, b in zip(rates[3:], rates[4:]))  # never rises after the warm-up
+    c.lr_schedule = "constant"
+    assert [learning_rate(c, step, 14) for step in (3, 9, 13)] == [1.0, 1.0, 1.0]
+
+
+def test_gradient_clipping_bounds_the_norm_adam_sees(image_folder, in_tmp, monkeypatch):
+    import train
+
+    real_clip, norms = torch.nn.utils.clip_grad_norm_, []
+
+    def spy(params, max_norm, **kw):
+        params = list(params)
+        before = real_clip(params, max_norm, **kw)
+        after = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
+        norms.append((float(before), float(after)))
+        return before
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+    train.main(True, ["--dataset-path", image_folder, "--epochs", "1", "--run-name", "clip", "--grad-clip", "0.01",
+                      *TINY])
+    assert len(norms) == 3 and all(before > 0.01 and after <= 0.01 * 1.001 for before, after in norms)
+    norms.clear()
+    train.main(True, ["--dataset-path", image_folder, "--epochs", "1", "--run-name", "free", "--grad-clip", "0",
+                      *TINY])
+    assert norms == []  # 0: off, as the original
 
 
 def test_amp_follows_the_device_choice(image_folder, in_tmp, monkeypatch, capsys):
