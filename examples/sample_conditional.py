@@ -7,6 +7,7 @@ The defaults fit the default `python ddpm_conditional.py` run (16x16 grayscale, 
 Without a display the row is saved under results/plots/ and its path printed.
 """
 import argparse
+import json
 import os
 import sys
 
@@ -21,6 +22,16 @@ from diffusion import Diffusion  # noqa: E402  (the original's `from ddpm import
 from utils import plot_images  # noqa: E402
 
 
+def trained_prediction(ckpt):
+    """What the network predicts: the run's config.json beside the checkpoint says ("eps" without one, as for
+    the original's checkpoints). Sampling a v-prediction model as an eps one gives noise."""
+    path = os.path.join(os.path.dirname(os.path.abspath(ckpt)), "config.json")
+    if not os.path.isfile(path):
+        return "eps"
+    with open(path) as f:
+        return json.load(f)["diffusion"]["prediction"]
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ckpt", default="models/DDPM_conditional_mnist/ema_ckpt.pt")
@@ -33,6 +44,7 @@ def main():
     p.add_argument("--cfg-scale", type=float, default=3)
     p.add_argument("--sampler", default="ddim", choices=["ddpm", "ddim", "dpm++"])
     p.add_argument("--steps", type=int, default=50, help="ignored by ddpm, which walks all 999 steps")
+    p.add_argument("--prediction", choices=["eps", "v", "x0"], help="default: the run's config.json, else eps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--title", default="conditional")
     args = p.parse_args()
@@ -45,7 +57,8 @@ def main():
                              base_width=args.base_width)
     model.load_state_dict(torch.load(args.ckpt, map_location="cpu", weights_only=True))
     labels = torch.arange(args.num_classes) if args.label is None else torch.full((args.n,), args.label)
-    diffusion = Diffusion(img_size=args.image_size, device="cpu")
+    prediction = args.prediction or trained_prediction(args.ckpt)
+    diffusion = Diffusion(img_size=args.image_size, device="cpu", prediction=prediction)
     x = diffusion.sample(model, len(labels), labels, cfg_scale=args.cfg_scale, sampler=args.sampler,
                          steps=None if args.sampler == "ddpm" else args.steps,
                          generator=torch.Generator().manual_seed(args.seed))

@@ -74,3 +74,24 @@ def test_missing_ckpt_is_one_line_error(tmp_path):
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: --ckpt nowhere/ema_ckpt.pt: no such file"), r.stderr
+
+
+def test_sampling_examples_take_the_prediction_from_the_runs_config(tmp_path):
+    """A v-prediction run sampled as eps gives other images: the example reads config.json beside the ckpt."""
+    import json
+
+    import numpy as np
+
+    torch.manual_seed(0)
+    ckpt = tiny_ckpt(tmp_path, UNet(c_in=1, c_out=1, base_width=8))
+    rows = []
+    for prediction in ("eps", "v"):
+        with open(tmp_path / "config.json", "w") as f:
+            json.dump({"diffusion": {"prediction": prediction}}, f)
+        out = tmp_path / prediction
+        out.mkdir()
+        r = run_example("sample_unconditional.py", ["--ckpt", ckpt, "--n", "2", *FAST], out)
+        assert r.returncode == 0, r.stderr
+        with Image.open(the_plot(out)) as img:
+            rows.append(np.asarray(img.convert("L"), dtype=np.int16))
+    assert rows[0].shape == rows[1].shape and np.abs(rows[0] - rows[1]).mean() > 1
