@@ -7,15 +7,16 @@
     python bench_quality.py --steps 250,500,1000,1500 --plot docs/quality.png
 
 Each run trains in models/bench_quality/ on the bundled digits (or --dataset-path) from its preset with the
-recipe's changes; it stops at the epoch that reaches each of --steps, is scored there (EMA weights, --n
-samples per label drawn with the run's grid sampler), then resumes exactly to the next point. Runs already
-there are reused. Conditional models: label accuracy (overall and the worst class); unconditional ones: the
+recipe's changes, for the whole epochs that reach each of --steps (a run of that length; with a constant rate,
+one run resumed exactly from point to point), and is scored there: EMA weights, --n samples per label drawn
+with the run's grid sampler. Runs already there are reused. Conditional models: label accuracy (overall and the worst class); unconditional ones: the
 share of samples the judge classifies with confidence >= 0.9 and the spread over classes; both: the
 in-domain FD against held-out real images, next to the real-vs-real floor.
 """
 import hardware  # noqa: F401, I001  (first: it sets the OpenMP spin before torch loads)
 
 import argparse
+import dataclasses
 import math
 import os
 import sys
@@ -31,9 +32,13 @@ from quality import Evaluator
 from sampling import generate, load_for_sampling
 from utils import UserError, get_data, option_adder, prepare_mnist
 
-# What each recipe changes from its preset ("default" is the default preset as it is).
+# What each recipe changes from its preset ("default" is the default preset as it is); the middle ones take
+# one part of the default recipe back to what the default preset had before.
 RECIPES = {
     "default": ("default", {}),
+    "eps": ("default", dict(prediction="eps")),
+    "random-crop": ("default", dict(crop="random")),
+    "constant-lr": ("default", dict(lr=2e-3, warmup_steps=0, lr_schedule="constant", grad_clip=0.0)),
     # the original's loss (plain MSE on eps), data (zooming random crops) and constant rate, with the default
     # network, batch and EMA: the default preset as it was before its recipe was tuned
     "original": ("default", dict(min_snr_gamma=0.0, crop="random", prediction="eps", lr=2e-3, warmup_steps=0,
@@ -50,6 +55,8 @@ def build_parser():
     opt("--steps", default="1000", help="comma-separated optimizer steps to score at (each rounded up to "
                                         "a whole epoch; default: 1000)")
     opt("--unconditional", action="store_true", help="ddpm.py's model instead of ddpm_conditional.py's")
+    opt("--cfg-scales", help="conditional: comma-separated guidance scales to score each point at (default: "
+                              "the run's)")
     opt("--n", type=int, default=50, help="samples per label (unconditional: 10x this in all; default: 50)")
     opt("--dataset-path", help="an ImageFolder (default: the bundled MNIST digits)")
     opt("--device", default="auto", help="default: auto")
@@ -70,7 +77,10 @@ def recipe_config(name, seed, conditional, dataset_path):
 
 
 def train_to(config, epochs):
-    """Train the run to exactly `epochs`: resumed when it has fewer, started again when it has more."""
+    """A run of `epochs` epochs of this recipe. With a constant rate one run serves every point: it is resumed
+    (exactly) from the last; a schedule that spans the run needs a run of each length."""
+    if config.lr_schedule != "constant":
+        config = dataclasses.replace(config, run_name=f"{config.run_name}_e{epochs}")
     run_dir = os.path.join("models", config.run_name)
     state = os.path.join(run_dir, "state.pt")
     done = load_checkpoint(state)["epoch"] if os.path.isfile(state) else None
@@ -81,24 +91,27 @@ def train_to(config, epochs):
     elif done != epochs:
         config.epochs = epochs
         train.train(config, overwrite=True)
+    return config
 
 
-def score(config, ev, n, device):
-    """The judge's figures for the run's EMA weights (a dict, see quality.Evaluator.evaluate)."""
-    _, model, cfg, diffusion = load_for_sampling(os.path.join("models", config.run_name), device)
-    labels = list(range(cfg.num_classes)) if cfg.conditional else None
-    images, ys = generate(model, diffusion, n if cfg.conditional else 10 * n, labels, cfg.cfg_scale, cfg.sampler,
-                          cfg.sample_steps, cfg.eta, seed=0, progress=False, amp_dtype=autocast_dtype(device))
+def score(config, ev, n, device, cfg_scale=None):
+    """The judge's figures for the run's EMA weights (a dict, see quality.Evaluator.evaluate), sampled with
+    the run's grid settings (and its guidance scale unless one is given)."""
+    _, model, c, diffusion = load_for_sampling(os.path.join("models", config.run_name), device)
+    labels = list(range(c.num_classes)) if c.conditional else None
+    images, ys = generate(model, diffusion, n if c.conditional else 10 * n, labels,
+                          c.cfg_scale if cfg_scale is None else cfg_scale, c.sampler, c.sample_steps, c.eta,
+                          seed=0, progress=False, amp_dtype=autocast_dtype(device))
     return ev.evaluate(images, ys)
 
 
-def row(recipe, seed, steps, r, secs):
+def row(recipe, seed, steps, cfg_scale, r, secs):
     if "label_acc" in r:
         first = f"{r['label_acc']:.3f} | {min(r['class_acc']):.3f}"
     else:
         total = sum(r["histogram"])
         first = f"{r['confident']:.3f} | {min(r['histogram']) / total:.3f}-{max(r['histogram']) / total:.3f}"
-    return (f"| {recipe} | {seed} | {steps} | {first} | {r['fd']:.1f} | {r['fd_floor']:.1f} "
+    return (f"| {recipe} | {seed} | {steps} | {cfg_scale} | {first} | {r['fd']:.1f} | {r['fd_floor']:.1f} "
             f"| {r['fd'] / r['fd_floor']:.2f} | {secs / 60:.1f} |")
 
 
@@ -107,6 +120,7 @@ def main(argv=None):
     try:
         recipes, seeds = a.recipes.split(","), [int(s) for s in a.seeds.split(",")]
         points = sorted(int(s) for s in a.steps.split(","))
+        scales = [float(s) for s in a.cfg_scales.split(",")] if a.cfg_scales and not a.unconditional else []
         unknown = [r for r in recipes if r not in RECIPES]
         if unknown or min(points) <= 0 or a.n <= 0:
             raise UserError(f"--recipes {a.recipes} / --steps {a.steps} / --n {a.n}: recipes from "
@@ -122,8 +136,8 @@ def main(argv=None):
     what = "confident share | class share (min-max)" if a.unconditional else "label acc | worst class"
     lines = [f"`python bench_quality.py {' '.join(argv if argv is not None else sys.argv[1:])}`", "",
              f"judge: held-out accuracy {ev.heldout_acc:.3f}; {torch.get_num_threads()} threads, {device}", "",
-             f"| recipe | seed | steps | {what} | FD | floor | FD / floor | minutes (training so far) |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"| recipe | seed | steps | CFG | {what} | FD | floor | FD / floor | minutes (training so far) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
     results = {}
     for recipe in recipes:
@@ -133,12 +147,14 @@ def main(argv=None):
             t0 = time.perf_counter()
             for point in points:
                 epochs = math.ceil(point / steps_per_epoch)
-                train_to(config, epochs)
+                run = train_to(config, epochs)
                 steps = epochs * steps_per_epoch
                 secs = time.perf_counter() - t0
-                r = results[(recipe, seed, steps)] = score(config, ev, a.n, device)
-                lines.append(row(recipe, seed, steps, r, secs))
-                print(lines[-1], flush=True)
+                for cfg_scale in scales or [config.cfg_scale if not a.unconditional else "-"]:
+                    r = score(run, ev, a.n, device, cfg_scale if scales else None)
+                    results[(recipe if len(scales) < 2 else f"{recipe}, CFG {cfg_scale}", seed, steps)] = r
+                    lines.append(row(recipe, seed, steps, cfg_scale, r, secs))
+                    print(lines[-1], flush=True)
     os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
     with open(a.out, "w") as f:
         f.write("\n".join(lines) + "\n")

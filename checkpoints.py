@@ -13,7 +13,7 @@ import random
 import numpy as np
 import torch
 
-from config import LEGACY, RunConfig
+from config import LEGACY, PRESETS, RunConfig
 from modules import unwrap
 from utils import UserError
 
@@ -191,7 +191,8 @@ def resolve_ckpt(path):
 
 
 def config_from_weights(sd, ckpt):
-    """For a bare checkpoint (the original's): a RunConfig whose network fits the weights' shapes."""
+    """For a bare checkpoint (the original's): a RunConfig whose network fits the weights' shapes, with the
+    original's prediction target (eps) and guidance scale; image size and sampler take the defaults."""
     if "inc.double_conv.0.weight" not in sd or "down1.emb_layer.1.weight" not in sd:
         raise UserError(f"--ckpt {ckpt}: not a UNet checkpoint of this project (no inc/down1 weights)")
     width, channels = sd["inc.double_conv.0.weight"].shape[:2]
@@ -199,7 +200,7 @@ def config_from_weights(sd, ckpt):
     return RunConfig(conditional=conditional, channels=int(channels), base_width=int(width),
                      time_dim=int(sd["down1.emb_layer.1.weight"].shape[1]),
                      num_classes=int(sd["label_emb.weight"].shape[0]) if conditional else RunConfig.num_classes,
-                     **LEGACY)
+                     **{**LEGACY, "cfg_scale": PRESETS["original"]["cfg_scale"]})
 
 
 def load_model(ckpt, device="cpu"):

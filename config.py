@@ -23,23 +23,23 @@ class RunConfig:
     noise_steps: int = 1000
     beta_start: float = 1e-4
     beta_end: float = 0.02
-    prediction: str = "eps"
+    prediction: str = "v"  # what the network predicts: eps (the original), v or x0
     # the data
     image_size: int = 16
     dataset_path: str = None  # None: the bundled MNIST digits
-    crop: str = "random"
+    crop: str = "center"  # or "random": the original's zooming crops
     # the training recipe
-    epochs: int = 20
+    epochs: int = 12  # 936 steps of 64 on the bundled digits
     batch_size: int = 64
-    lr: float = 2e-3
-    warmup_steps: int = 0  # linear warm-up from 0 to lr
-    lr_schedule: str = "constant"  # or "cosine": down to lr_floor * lr at the run's last step
+    lr: float = 3e-3
+    warmup_steps: int = 100  # linear warm-up from 0 to lr
+    lr_schedule: str = "cosine"  # down to lr_floor * lr at the run's last step; or "constant"
     lr_floor: float = 0.1
-    grad_clip: float = 0.0  # clip the gradient's global norm to this; 0: off
+    grad_clip: float = 1.0  # clip the gradient's global norm to this; 0: off
     min_snr_gamma: float = 5.0
     ema: bool = True
-    ema_beta: float = 0.995
-    ema_start: int = 500
+    ema_beta: float = 0.99
+    ema_start: int = 0  # steps of hard copy before the averaging starts
     label_dropout: float = 0.1
     label_dropout_mode: str = "sample"
     seed: int = None
@@ -50,7 +50,7 @@ class RunConfig:
     sampler: str = "ddim"
     sample_steps: int = 50
     eta: float = 1.0
-    cfg_scale: float = 3.0
+    cfg_scale: float = 2.0
     # the run and this machine
     run_name: str = None
     preset: str = "default"
@@ -99,16 +99,17 @@ RUN_DEFINING = SECTIONS["network"] + SECTIONS["diffusion"] + ("image_size",)
 # MNIST digits (docs/quality.md); "original" is the original repo's setup.
 PRESETS = {
     "default": {},
-    "original": dict(image_size=64, channels=3, base_width=64, batch_size=12, lr=3e-4, epochs=500,
-                     sample_interval=1, sampler="ddpm", sample_steps=999, ema=False, ema_start=2000,
-                     min_snr_gamma=0.0, label_dropout_mode="batch", n_samples=12),
+    "original": dict(image_size=64, channels=3, base_width=64, prediction="eps", crop="random", batch_size=12,
+                     lr=3e-4, epochs=500, warmup_steps=0, lr_schedule="constant", grad_clip=0.0,
+                     min_snr_gamma=0.0, ema=False, ema_beta=0.995, ema_start=2000, label_dropout_mode="batch",
+                     sample_interval=1, n_samples=12, sampler="ddpm", sample_steps=999, cfg_scale=3.0),
 }
 CONDITIONAL_PRESETS = {  # ddpm_conditional.py's own differences
     "default": dict(n_samples=80),
     "original": dict(batch_size=14, epochs=300, sample_interval=10, n_samples=10, ema=True),
 }
-# settings a run of an earlier version (its state.pt "args", no config.json) trained with
-LEGACY = dict(crop="random", prediction="eps")
+# what a run of an earlier version (its state.pt "args", no config.json) trained with, where its args are silent
+LEGACY = dict(crop="random", prediction="eps", warmup_steps=0, lr_floor=0.0, grad_clip=0.0)
 
 
 def preset_config(preset, conditional):
@@ -122,9 +123,13 @@ def validate(c):
                  "sample_steps", "noise_steps", "num_classes"):
         if getattr(c, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(c, name)}")
-    if c.lr <= 0 or c.warmup_steps < 0 or c.grad_clip < 0 or not 0 <= c.lr_floor <= 1:
-        raise UserError(f"--lr {c.lr}, --warmup-steps {c.warmup_steps}, --grad-clip {c.grad_clip}, --lr-floor "
-                        f"{c.lr_floor}: need lr > 0, warm-up and clip >= 0, floor in [0, 1]")
+    if c.lr <= 0:
+        raise UserError(f"--lr must be positive, got {c.lr}")
+    for name in ("warmup_steps", "grad_clip", "ema_start"):
+        if getattr(c, name) < 0:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(c, name)}")
+    if not 0 <= c.lr_floor <= 1:
+        raise UserError(f"--lr-floor must lie in [0, 1] (a share of --lr), got {c.lr_floor}")
     if c.image_size % 8:
         raise UserError(f"--image-size {c.image_size} is not a multiple of 8 (the UNet halves it three "
                         f"times): try {max(8, c.image_size // 8 * 8)}")

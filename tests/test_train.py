@@ -53,6 +53,8 @@ def test_original_preset_is_the_originals():
     a, _ = resolve_args(parse_args(False, ["--preset", "original"]))
     assert (a.image_size, a.base_width, a.batch_size, a.lr, a.epochs, a.sampler, a.sample_interval, a.ema,
             a.lr_schedule) == (64, 64, 12, 3e-4, 500, "ddpm", 1, False, "constant")
+    assert (a.prediction, a.crop, a.warmup_steps, a.grad_clip, a.min_snr_gamma, a.cfg_scale) == \
+        ("eps", "random", 0, 0.0, 0.0, 3.0)
     assert resolve_args(parse_args(False, []))[0].ema and not resolve_args(parse_args(False, ["--no-ema"]))[0].ema
     c, _ = resolve_args(parse_args(True, ["--preset", "original"]))
     assert (c.batch_size, c.epochs, c.ema_beta, c.ema_start, c.cfg_scale, c.sample_interval, c.n_samples,
