@@ -52,13 +52,13 @@ class Run:
 def build_run(c, rank, world, device, steps_per_epoch):
     memory_format, amp_dtype = fast_memory_format(device), autocast_dtype(device, c.amp)  # per device, measured
     model = c.make_model().to(device, memory_format=memory_format)
-    ema_model = copy.deepcopy(model).eval().requires_grad_(False) if c.ema else None
-    # fused: one kernel for all tensors, 4-6x faster than the per-tensor loop on the CPU (bench.py)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=c.lr, fused=device.type in ("cuda", "cpu"))
     net = model
-    if world > 1:
+    if world > 1:  # DDP starts every rank from rank 0's weights
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
                                                         else None)
+    ema_model = copy.deepcopy(model).eval().requires_grad_(False) if c.ema else None  # of those weights
+    # fused: one kernel for all tensors, 4-6x faster than the per-tensor loop on the CPU (bench.py)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=c.lr, fused=device.type in ("cuda", "cpu"))
     if c.compile:
         net = torch.compile(net)
     return Run(c, rank, world, device, model, net, ema_model, EMA(c.ema_beta, c.ema_start) if c.ema else None,
