@@ -9,6 +9,7 @@ features with a real-vs-real floor, and standard FID when pytorch-fid's Inceptio
 """
 import hashlib
 import os
+import time
 
 import numpy as np
 import torch
@@ -130,12 +131,15 @@ class Evaluator:
         else:
             with torch.random.fork_rng(devices=[]):  # dropout draws from the global RNG: the same judge every time
                 torch.manual_seed(seed)
+                started = time.perf_counter()
                 self.train_classifier(epochs, seed)
+                secs = time.perf_counter() - started
             self.heldout_acc = self.accuracy(torch.cat([self.real_a, self.real_b]),
                                              torch.cat([self.labels_a, self.labels_b]))
             atomic_save({"state_dict": {k: v.cpu() for k, v in self.net.state_dict().items()},
                          "heldout_acc": self.heldout_acc, "classes": self.classes}, path)
-            log(f"classifier: trained, held-out accuracy {self.heldout_acc:.4f}, cached in {path}")
+            log(f"classifier: trained in {secs:.0f} s ({torch.get_num_threads()} threads), held-out accuracy "
+                f"{self.heldout_acc:.4f}, cached in {path}")
         self.net.eval()
         self.feat_b = self.features(self.real_b)[1]
 

@@ -144,3 +144,23 @@ def test_shift_and_rotate_moves_whole_pixels_and_fills_with_background():
     assert all(abs(r - 3) <= 2 and abs(c - 3) <= 2 for r, c in peaks) and len(set(peaks)) > 5
     assert torch.allclose(out.amax(dim=(1, 2, 3)), torch.ones(64), atol=1e-5)  # moved, not blurred
     assert torch.allclose(out.amin(), torch.tensor(-1.0))
+
+
+def test_bench_quality_keeps_runs_on_different_datasets_apart(tmp_path, monkeypatch):
+    import bench_quality
+    from checkpoints import save_config
+
+    monkeypatch.chdir(tmp_path)
+    set_a, set_b = str(tmp_path / "a" / "digits"), str(tmp_path / "b" / "digits")  # same folder name
+    folders = {bench_quality.run_folder(None), bench_quality.run_folder(set_a), bench_quality.run_folder(set_b)}
+    assert len(folders) == 3 and bench_quality.FOLDER in folders
+    # a run that trained on set A, under the name a run on set B would take: not reused, not resumed
+    trained = bench_quality.recipe_config("default", 0, True, set_a, bench_quality.FOLDER)
+    run_dir = tmp_path / "models" / f"{trained.run_name}_e1"
+    run_dir.mkdir(parents=True)
+    save_config(trained, str(run_dir))
+    torch.save({"epoch": 1}, run_dir / "state.pt")
+    other = bench_quality.recipe_config("default", 0, True, set_b, bench_quality.FOLDER)
+    with pytest.raises(UserError, match="trained on .*a/digits, not .*b/digits"):
+        bench_quality.train_to(other, 1)
+    assert sorted(os.listdir(run_dir)) == ["config.json", "state.pt"]
