@@ -28,7 +28,7 @@ import torch
 
 import train
 from checkpoints import load_checkpoint, load_config
-from config import preset_config, validate
+from config import SECTIONS, preset_config, validate
 from hardware import autocast_dtype, pick_device
 from quality import Evaluator
 from sampling import generate, load_for_sampling
@@ -93,6 +93,16 @@ def recipe_config(name, seed, conditional, dataset_path, folder=FOLDER):
     return validate(config)
 
 
+def recipe_changes(saved, config):
+    """What a saved run trained with that this recipe does not ("name saved, not wanted" strings): a run is
+    reused only if its network, diffusion, data and training settings all match, whatever its length."""
+    keys = [k for section in ("network", "diffusion", "data", "training") for k in SECTIONS[section]
+            if k not in ("epochs", "data_seed")]
+    same = {"dataset_path": lambda a, b: os.path.abspath(a) == os.path.abspath(b)}
+    return [f"{k} {getattr(saved, k)}, not {getattr(config, k)}" for k in keys
+            if not same.get(k, lambda a, b: a == b)(getattr(saved, k), getattr(config, k))]
+
+
 def train_to(config, epochs):
     """A run of `epochs` epochs of this recipe. With a constant rate one run serves every point: it is resumed
     (exactly) from the last; a schedule that spans the run needs a run of each length."""
@@ -101,12 +111,13 @@ def train_to(config, epochs):
     run_dir = os.path.join("models", config.run_name)
     state = os.path.join(run_dir, "state.pt")
     done = load_checkpoint(state)["epoch"] if os.path.isfile(state) else None
-    trained_on = load_config(run_dir).dataset_path if done is not None else config.dataset_path
-    if os.path.abspath(trained_on) != os.path.abspath(config.dataset_path):
-        raise UserError(f"{run_dir} trained on {trained_on}, not {config.dataset_path}: move it away to train "
-                        "this one")
-    if done is not None and done < epochs:
+    if done is not None:
         saved = load_config(run_dir)
+        changed = recipe_changes(saved, config)
+        if changed:
+            raise UserError(f"{run_dir} trained with {', '.join(changed)}: not this recipe (a default changed "
+                            "since?); move it away to train this one")
+    if done is not None and done < epochs:
         saved.epochs = epochs
         train.train(saved, resuming=True)
     elif done != epochs:

@@ -161,6 +161,11 @@ def test_bench_quality_keeps_runs_on_different_datasets_apart(tmp_path, monkeypa
     save_config(trained, str(run_dir))
     torch.save({"epoch": 1}, run_dir / "state.pt")
     other = bench_quality.recipe_config("default", 0, True, set_b, bench_quality.FOLDER)
-    with pytest.raises(UserError, match="trained on .*a/digits, not .*b/digits"):
+    with pytest.raises(UserError, match="trained with dataset_path .*a/digits, not .*b/digits"):
         bench_quality.train_to(other, 1)
+    # nor one whose recipe has changed since (here a default)
+    changed = bench_quality.recipe_config("default", 0, True, set_a, bench_quality.FOLDER)
+    changed.label_dropout = 0.3
+    with pytest.raises(UserError, match="label_dropout 0.1, not 0.3"):
+        bench_quality.train_to(changed, 1)
     assert sorted(os.listdir(run_dir)) == ["config.json", "state.pt"]
