@@ -200,7 +200,9 @@ class Evaluator:
         logits, feats = self.features(images)
         confidence, pred = logits.softmax(1).max(1)
         k = min(len(images), len(self.real_a))  # the floor can only use as many real images as A holds
-        out = {"n": len(images), "fd_n": k, "fd": frechet_distance(feats[:k], self.feat_b),
+        # samples usually come label by label: FD's k must be drawn from all of them, not be the first k
+        pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:k]
+        out = {"n": len(images), "fd_n": k, "fd": frechet_distance(feats[pick], self.feat_b),
                "fd_floor": frechet_distance(self.features(self.real_a[:k])[1], self.feat_b),
                "classifier_acc": self.heldout_acc, "confident": float((confidence >= 0.9).float().mean()),
                "histogram": torch.bincount(pred, minlength=len(self.classes)).tolist()}

@@ -169,3 +169,16 @@ def test_bench_quality_keeps_runs_on_different_datasets_apart(tmp_path, monkeypa
     with pytest.raises(UserError, match="label_dropout 0.1, not 0.3"):
         bench_quality.train_to(changed, 1)
     assert sorted(os.listdir(run_dir)) == ["config.json", "state.pt"]
+
+
+def test_fd_on_more_samples_than_references_uses_samples_of_every_label(tmp_path):
+    data = make_folder(tmp_path / "data", n_per_class=100)
+    ev = Evaluator(data, image_size=8, channels=1, cache_dir=str(tmp_path / "models"), epochs=3, log=print)
+    real = torch.cat([ev.real_a, ev.real_b])
+    labels = torch.cat([ev.labels_a, ev.labels_b])
+    order = labels.argsort(stable=True)  # label-major, as sample.py and bench_quality.py write them
+    assert len(real) > len(ev.real_a)
+    by_label = ev.evaluate(real[order], labels[order])
+    first_label_only = ev.evaluate(real[order][: len(ev.real_a)])
+    assert by_label["fd_n"] == len(ev.real_a)
+    assert by_label["fd"] < first_label_only["fd"] / 3
