@@ -182,3 +182,18 @@ def test_fd_on_more_samples_than_references_uses_samples_of_every_label(tmp_path
     first_label_only = ev.evaluate(real[order][: len(ev.real_a)])
     assert by_label["fd_n"] == len(ev.real_a)
     assert by_label["fd"] < first_label_only["fd"] / 3
+
+
+def test_the_judge_is_the_same_whatever_the_thread_count(tmp_path):
+    data = make_folder(tmp_path / "data", n_per_class=100, size=16)
+    before, weights = torch.get_num_threads(), []
+    try:
+        for threads in (2, 1):
+            torch.set_num_threads(threads)
+            ev = Evaluator(data, image_size=16, channels=1, cache_dir=str(tmp_path / f"models{threads}"), epochs=2,
+                           log=print)
+            assert torch.get_num_threads() == threads  # restored after training
+            weights.append(torch.cat([p.flatten() for p in ev.net.state_dict().values() if p.is_floating_point()]))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(weights[0], weights[1])
