@@ -98,7 +98,7 @@ def recipe_changes(saved, config):
     reused only if its network, diffusion, data and training settings all match, whatever its length."""
     keys = [k for section in ("network", "diffusion", "data", "training") for k in SECTIONS[section]
             if k not in ("epochs", "data_seed")]
-    same = {"dataset_path": lambda a, b: os.path.abspath(a) == os.path.abspath(b)}
+    same = {"dataset_path": lambda a, b: (a and os.path.abspath(a)) == (b and os.path.abspath(b))}
     return [f"{k} {getattr(saved, k)}, not {getattr(config, k)}" for k in keys
             if not same.get(k, lambda a, b: a == b)(getattr(saved, k), getattr(config, k))]
 
@@ -115,8 +115,8 @@ def train_to(config, epochs):
         saved = load_config(run_dir)
         changed = recipe_changes(saved, config)
         if changed:
-            raise UserError(f"{run_dir} trained with {', '.join(changed)}: not this recipe (a default changed "
-                            "since?); move it away to train this one")
+            raise UserError(f"{run_dir} trained with {', '.join(changed)}: not this recipe (was a default "
+                            "changed?); move it away to train this one")
     if done is not None and done < epochs:
         saved.epochs = epochs
         train.train(saved, resuming=True)
