@@ -131,13 +131,7 @@ class Evaluator:
         else:
             with torch.random.fork_rng(devices=[]):  # dropout draws from the global RNG: the same judge every time
                 torch.manual_seed(seed)
-                started, threads = time.perf_counter(), torch.get_num_threads()
-                torch.set_num_threads(1)  # sums over more threads round differently: one judge for every machine
-                try:
-                    self.train_classifier(epochs, seed)
-                finally:
-                    torch.set_num_threads(threads)
-                secs = time.perf_counter() - started
+                secs = self.train_classifier(epochs, seed)
             self.heldout_acc = self.accuracy(torch.cat([self.real_a, self.real_b]),
                                              torch.cat([self.labels_a, self.labels_b]))
             atomic_save({"state_dict": {k: v.cpu() for k, v in self.net.state_dict().items()},
@@ -165,7 +159,18 @@ class Evaluator:
         return to_uint8(torch.stack([x for x, _ in items])), torch.tensor([y for _, y in items])
 
     def train_classifier(self, epochs, seed, batch=128, lr=3e-3):
+        """Trains the judge at one thread (sums over more threads round differently: one judge for every
+        machine) and returns the seconds it took."""
         self.log(f"classifier: training on {len(self.train_idx)} images for {epochs} epochs (cached after)")
+        started, threads = time.perf_counter(), torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            self._train(epochs, seed, batch, lr)
+        finally:
+            torch.set_num_threads(threads)
+        return time.perf_counter() - started
+
+    def _train(self, epochs, seed, batch, lr):
         x_all, y_all = self.real_images(self.train_idx)
         x_all, g = to_float(x_all), torch.Generator().manual_seed(seed)
         opt = torch.optim.AdamW(self.net.parameters(), lr=lr, weight_decay=5e-4)
