@@ -42,11 +42,13 @@ RECIPES = {
     "random-crop": ("default", dict(crop="random")),
     "constant-lr": ("default", dict(lr=2e-3, warmup_steps=0, lr_schedule="constant", grad_clip=0.0)),
     # changes measured and not adopted (docs/quality.md): the same 59,904 images in twice the steps, a wider
-    # network, more label dropout, a higher peak rate
+    # network, more label dropout, a higher peak rate, a lower min-SNR gamma, a slower EMA
     "batch-32": ("default", dict(batch_size=32)),
     "width-32": ("default", dict(base_width=32)),
     "label-dropout-0.2": ("default", dict(label_dropout=0.2)),
     "lr-5e-3": ("default", dict(lr=5e-3)),
+    "min-snr-1": ("default", dict(min_snr_gamma=1.0)),
+    "ema-0.995": ("default", dict(ema_beta=0.995)),
     # the original's loss (plain MSE on eps), data (zooming random crops) and constant rate, with the default
     # network, batch and EMA: the default preset as it was before its recipe was tuned
     "original": ("default", dict(min_snr_gamma=0.0, crop="random", prediction="eps", lr=2e-3, warmup_steps=0,
@@ -98,9 +100,12 @@ def recipe_changes(saved, config):
     reused only if its network, diffusion, data and training settings all match, whatever its length."""
     keys = [k for section in ("network", "diffusion", "data", "training") for k in SECTIONS[section]
             if k not in ("epochs", "data_seed")]
-    same = {"dataset_path": lambda a, b: (a and os.path.abspath(a)) == (b and os.path.abspath(b))}
+
+    def setting(c, k):
+        value = getattr(c, k)
+        return os.path.abspath(value) if k == "dataset_path" and value else value
     return [f"{k} {getattr(saved, k)}, not {getattr(config, k)}" for k in keys
-            if not same.get(k, lambda a, b: a == b)(getattr(saved, k), getattr(config, k))]
+            if setting(saved, k) != setting(config, k)]
 
 
 def train_to(config, epochs):
