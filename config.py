@@ -37,6 +37,7 @@ class RunConfig:
     lr_floor: float = 0.1
     grad_clip: float = 1.0  # clip the gradient's global norm to this; 0: off
     min_snr_gamma: float = 5.0
+    timesteps: str = "weighted"  # drawn in proportion to their min-SNR weight; "uniform" as the original
     ema: bool = True
     ema_beta: float = 0.99
     ema_start: int = 0  # steps of hard copy before the averaging starts
@@ -50,7 +51,7 @@ class RunConfig:
     sampler: str = "ddim"
     sample_steps: int = 50
     eta: float = 1.0
-    cfg_scale: float = 2.0
+    cfg_scale: float = 1.5
     # the run and this machine
     run_name: str = None
     preset: str = "default"
@@ -75,7 +76,7 @@ class RunConfig:
 
     @classmethod
     def from_json(cls, sections, source="config.json"):
-        flat = {k: v for section in sections.values() for k, v in section.items()}
+        flat = {**ADDED_LATER, **{k: v for section in sections.values() for k, v in section.items()}}
         unknown = sorted(set(flat) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             raise UserError(f"{source}: unknown setting(s) {', '.join(unknown)}: written by a newer version?")
@@ -87,7 +88,7 @@ SECTIONS = {
     "diffusion": ("noise_steps", "beta_start", "beta_end", "prediction"),
     "data": ("image_size", "dataset_path", "crop"),
     "training": ("epochs", "batch_size", "lr", "warmup_steps", "lr_schedule", "lr_floor", "grad_clip",
-                 "min_snr_gamma", "ema", "ema_beta", "ema_start",
+                 "min_snr_gamma", "timesteps", "ema", "ema_beta", "ema_start",
                  "label_dropout", "label_dropout_mode", "seed", "data_seed"),
     "sample_grids": ("sample_interval", "n_samples", "sampler", "sample_steps", "eta", "cfg_scale"),
     "run": ("run_name", "preset", "device", "num_workers", "compile", "amp"),
@@ -101,15 +102,18 @@ PRESETS = {
     "default": {},
     "original": dict(image_size=64, channels=3, base_width=64, prediction="eps", crop="random", batch_size=12,
                      lr=3e-4, epochs=500, warmup_steps=0, lr_schedule="constant", grad_clip=0.0,
-                     min_snr_gamma=0.0, ema=False, ema_beta=0.995, ema_start=2000, label_dropout_mode="batch",
+                     min_snr_gamma=0.0, timesteps="uniform", ema=False, ema_beta=0.995, ema_start=2000,
+                     label_dropout_mode="batch",
                      sample_interval=1, n_samples=12, sampler="ddpm", sample_steps=999, cfg_scale=3.0),
 }
 CONDITIONAL_PRESETS = {  # ddpm_conditional.py's own differences
     "default": dict(n_samples=80),
     "original": dict(batch_size=14, epochs=300, sample_interval=10, n_samples=10, ema=True),
 }
+# settings added to config.json later, and what a run saved without them trained with
+ADDED_LATER = dict(timesteps="uniform")
 # what a run of an earlier version (its state.pt "args", no config.json) trained with, where its args are silent
-LEGACY = dict(crop="random", prediction="eps", warmup_steps=0, lr_floor=0.0, grad_clip=0.0)
+LEGACY = dict(crop="random", prediction="eps", warmup_steps=0, lr_floor=0.0, grad_clip=0.0, timesteps="uniform")
 
 
 def preset_config(preset, conditional):
@@ -137,6 +141,9 @@ def validate(c):
         raise UserError(f"--label-dropout must lie in [0, 1], got {c.label_dropout}")
     if c.noise_steps < 2:
         raise UserError(f"--noise-steps must be at least 2, got {c.noise_steps}")
+    if c.timesteps == "weighted" and not c.min_snr_gamma:
+        raise UserError("--timesteps weighted draws timesteps by their min-SNR weight: set --min-snr-gamma "
+                        "above 0, or use --timesteps uniform")
     if c.sampler not in SAMPLERS or c.prediction not in PREDICTIONS:
         raise UserError(f"--sampler {c.sampler} / --prediction {c.prediction}: choose from "
                         f"{', '.join(SAMPLERS)} / {', '.join(PREDICTIONS)}")

@@ -65,6 +65,16 @@ class Diffusion:
             return torch.randint(1, self.noise_steps, (n,)).to(self.device)
         return torch.randint(1, self.noise_steps, (n,), generator=generator, device=generator.device)
 
+    def sample_weighted_timesteps(self, n, gamma, generator=None):
+        """n training timesteps in [1, noise_steps-1] drawn in proportion to their min-SNR-gamma weight
+        (importance sampling): uniform t spends about half the batch where that weight is below 0.05 and
+        adds almost nothing to the gradient. training_loss(importance_sampled=True) divides the proportion
+        back out, so the expected loss is the uniform one's and only its variance falls."""
+        weight = self.loss_weight(torch.arange(1, self.noise_steps, device=self.alpha_hat.device), gamma)
+        device = generator.device if generator is not None else self.device
+        t = torch.multinomial(weight.to(device), n, replacement=True, generator=generator)
+        return t + 1
+
     # ---- what the network predicts, and the training loss ---------------------------------------------
 
     def target(self, x0, t, noise):
@@ -95,12 +105,17 @@ class Diffusion:
         clipped = snr.clamp(max=gamma)
         return {"eps": clipped / snr, "v": clipped / (snr + 1), "x0": clipped}[self.prediction]
 
-    def training_loss(self, out, x0, t, noise, min_snr_gamma=0.0):
+    def training_loss(self, out, x0, t, noise, min_snr_gamma=0.0, importance_sampled=False):
         """(the loss to minimise, the per-sample plain MSE) for the network's output on x_t(x0, t, noise).
-        min_snr_gamma=0 is the original's plain MSE."""
+        min_snr_gamma=0 is the original's plain MSE. importance_sampled: t came from
+        sample_weighted_timesteps, which already applied the weight up to its mean over uniform t."""
         mse = F.mse_loss(out.float(), self.target(x0, t, noise), reduction="none").mean(dim=tuple(range(1, x0.dim())))
-        loss = (mse * self.loss_weight(t, min_snr_gamma)).mean() if min_snr_gamma else mse.mean()
-        return loss, mse
+        if not min_snr_gamma:
+            return mse.mean(), mse
+        if importance_sampled:
+            all_t = torch.arange(1, self.noise_steps, device=t.device)
+            return mse.mean() * self.loss_weight(all_t, min_snr_gamma).mean(), mse
+        return (mse * self.loss_weight(t, min_snr_gamma)).mean(), mse
 
     # ---- the network's noise prediction, with classifier-free guidance ---------------------------------
 

@@ -38,6 +38,9 @@ def parse_args(conditional, argv=None):
     opt("--grad-clip", type=float, help="clip the gradient's global norm (0: off, as the original)")
     opt("--min-snr-gamma", type=float, help="weight each timestep's loss by min(SNR, gamma) (Hang et al. "
                                             "2023); 0: plain MSE as the original")
+    opt("--timesteps", choices=("uniform", "weighted"),
+        help="training timesteps: uniform as the original, or drawn in proportion to their min-SNR weight "
+             "(the same expected loss, less noise)")
     opt("--device", help="auto, cpu, cuda, cuda:N or mps")
     opt("--seed", type=int, help="makes a CPU run repeatable")
     opt("--num-workers", type=int, help="DataLoader workers (default: 0 on CPU, 4 on GPU)")

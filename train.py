@@ -79,7 +79,7 @@ def train_step(run, images, labels):
             out = run.net(x_t, t, drop_labels(labels.to(run.device, non_blocking=True), u, c))
         else:
             out = run.net(x_t, t)
-    loss, mse = diffusion.training_loss(out, images, t, noise, c.min_snr_gamma)
+    loss, mse = diffusion.training_loss(out, images, t, noise, c.min_snr_gamma, c.timesteps == "weighted")
 
     run.optimizer.zero_grad(set_to_none=True)
     run.scaler.scale(loss).backward()
@@ -112,7 +112,9 @@ def step_randomness(run, shape):
     an uninterrupted one, and N processes with batch B train like one process with batch N*B."""
     g = torch.Generator(run.device).manual_seed(run.config.data_seed * 1_000_003 + run.global_step)
     rank, world, n = run.rank, run.world, shape[0] * run.world
-    t = run.diffusion.sample_timesteps(n, generator=g)[rank::world]
+    c = run.config
+    t = (run.diffusion.sample_weighted_timesteps(n, c.min_snr_gamma, generator=g) if c.timesteps == "weighted"
+         else run.diffusion.sample_timesteps(n, generator=g))[rank::world]
     noise = torch.randn((n, *shape[1:]), generator=g, device=run.device)[rank::world]
     u = torch.rand(n + 1, generator=g, device=run.device)  # one per sample, the last for whole-batch dropout
     return t, noise, torch.cat([u[:n][rank::world], u[n:]])

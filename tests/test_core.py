@@ -88,6 +88,23 @@ def test_min_snr_weight():
     assert w[0] < 0.01 and torch.equal(w[2:], torch.ones(2))  # only the nearly clean timesteps are damped
 
 
+def test_weighted_timesteps_keep_the_expected_loss():
+    d = Diffusion(img_size=2, device="cpu", prediction="v")
+    all_t = torch.arange(1, 1000)
+    w = d.loss_weight(all_t, 5.0)
+    t = d.sample_weighted_timesteps(400_000, 5.0, generator=torch.Generator().manual_seed(0))
+    assert t.min() >= 1 and t.max() <= 999
+    share = torch.bincount(t - 1, minlength=999).float().view(9, 111).sum(1) / len(t)
+    assert torch.allclose(share, w.view(9, 111).sum(1) / w.sum(), atol=3e-3)  # drawn as often as weighted
+
+    def loss(t, importance_sampled):  # a per-sample MSE of f(t) = t / 1000: x0 = noise = 0 make v = 0
+        zeros, out = torch.zeros(len(t), 1, 2, 2), (t / 1000).sqrt().view(-1, 1, 1, 1).expand(-1, 1, 2, 2)
+        return d.training_loss(out, zeros, t, zeros, 5.0, importance_sampled)[0]
+
+    # the same objective as uniform t with the weight applied: only the sampling noise differs
+    assert loss(t, True).item() == pytest.approx(loss(all_t, False).item(), rel=0.01)
+
+
 def test_reverse_step_is_algorithm_2():
     d = Diffusion(img_size=8, device="cpu")
     x, eps, z = torch.randn(3, 2, 1, 8, 8)

@@ -130,6 +130,7 @@ def make_bad_folders(root):
     (["--batch-size", "0"], "--batch-size must be positive"),
     (["--epochs", "-1"], "--epochs must be positive"),
     (["--lr", "0"], "--lr must be positive"),
+    (["--timesteps", "weighted", "--min-snr-gamma", "0"], "--timesteps weighted draws timesteps by their"),
     (["--device", "tpu"], "--device tpu"),
     (["--device", "cuda"], "CUDA is not available"),
     (["--resume", "--run-name", "never"], "nothing to resume in models/never"),

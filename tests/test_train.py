@@ -63,6 +63,14 @@ def test_original_preset_is_the_originals():
     assert u.batch_size == 7
 
 
+def test_a_config_saved_before_a_setting_existed_loads_as_it_trained():
+    from config import ADDED_LATER, RunConfig
+
+    sections = RunConfig(timesteps="weighted").to_json()
+    del sections["training"]["timesteps"]
+    assert RunConfig.from_json(sections).timesteps == ADDED_LATER["timesteps"] == "uniform"
+
+
 def test_loss_falls_on_a_fixed_batch():
     torch.manual_seed(0)
     model = UNet_conditional(1, 1, num_classes=2, base_width=8)
