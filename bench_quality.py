@@ -47,10 +47,12 @@ RECIPES = {
     # network, more label dropout, a lower min-SNR gamma, a slower EMA
     "batch-32": ("default", dict(batch_size=32)),
     "lr-5e-3": ("default", dict(lr=5e-3)),
-    **{f"uniform-t+{name}": ("default", dict(timesteps="uniform", **change)) for name, change in {
-        "batch-32": dict(batch_size=32), "width-32": dict(base_width=32), "lr-5e-3": dict(lr=5e-3),
-        "label-dropout-0.2": dict(label_dropout=0.2), "min-snr-1": dict(min_snr_gamma=1.0),
-        "ema-0.995": dict(ema_beta=0.995)}.items()},
+    "uniform-t+batch-32": ("default", dict(timesteps="uniform", batch_size=32)),
+    "uniform-t+width-32": ("default", dict(timesteps="uniform", base_width=32)),
+    "uniform-t+lr-5e-3": ("default", dict(timesteps="uniform", lr=5e-3)),
+    "uniform-t+label-dropout-0.2": ("default", dict(timesteps="uniform", label_dropout=0.2)),
+    "uniform-t+min-snr-1": ("default", dict(timesteps="uniform", min_snr_gamma=1.0)),
+    "uniform-t+ema-0.995": ("default", dict(timesteps="uniform", ema_beta=0.995)),
     # the original's loss (plain MSE on eps, uniform timesteps), data (zooming random crops) and constant rate,
     # with the default network, batch and EMA
     "original": ("default", dict(min_snr_gamma=0.0, timesteps="uniform", crop="random", prediction="eps",
