@@ -113,7 +113,7 @@ CONDITIONAL_PRESETS = {  # ddpm_conditional.py's own differences
 # settings added to config.json later, and what a run saved without them trained with
 ADDED_LATER = dict(timesteps="uniform")
 # what a run of an earlier version (its state.pt "args", no config.json) trained with, where its args are silent
-LEGACY = dict(crop="random", prediction="eps", warmup_steps=0, lr_floor=0.0, grad_clip=0.0, timesteps="uniform")
+LEGACY = dict(crop="random", prediction="eps", warmup_steps=0, lr_floor=0.0, grad_clip=0.0, **ADDED_LATER)
 
 
 def preset_config(preset, conditional):
