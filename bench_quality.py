@@ -28,7 +28,7 @@ import torch
 
 import train
 from checkpoints import load_checkpoint, load_config
-from config import SECTIONS, preset_config, validate
+from config import SECTIONS, check_cfg_min_sigma, preset_config, validate
 from hardware import autocast_dtype, pick_device
 from quality import Evaluator
 from sampling import generate, load_for_sampling
@@ -75,6 +75,8 @@ def build_parser():
     opt("--unconditional", action="store_true", help="ddpm.py's model instead of ddpm_conditional.py's")
     opt("--cfg-scales", help="conditional: comma-separated guidance scales to score each point at (default: "
                               "the run's)")
+    opt("--cfg-min-sigma", type=float, help="conditional: guide only at noise levels above this, 0: at every "
+                                            "step (default: the recipe's)")
     opt("--n", type=int, default=50, help="samples per label (unconditional: 10x this in all; default: 50)")
     opt("--dataset-path", help="an ImageFolder (default: the bundled MNIST digits)")
     opt("--device", default="auto", help="default: auto")
@@ -139,20 +141,22 @@ def train_to(config, epochs):
     return config
 
 
-def score(config, ev, n, device, cfg_scale=None):
+def score(config, ev, n, device, cfg_scale=None, cfg_min_sigma=None):
     """The judge's figures for the run's EMA weights (a dict, see quality.Evaluator.evaluate), sampled with
-    the run's grid settings (and its guidance scale unless one is given)."""
-    _, model, c, diffusion = load_for_sampling(os.path.join("models", config.run_name), device)
-    labels = list(range(c.num_classes)) if c.conditional else None
-    images, ys = generate(model, diffusion, n if c.conditional else 10 * n, labels,
-                          c.cfg_scale if cfg_scale is None else cfg_scale, c.sampler, c.sample_steps, c.eta,
-                          seed=0, progress=False, amp_dtype=autocast_dtype(device))
+    the recipe's grid settings (a run saved before a sampling default changed is scored with today's),
+    unless a guidance scale or cfg_min_sigma is given."""
+    _, model, _, diffusion = load_for_sampling(os.path.join("models", config.run_name), device)
+    labels = list(range(config.num_classes)) if config.conditional else None
+    images, ys = generate(model, diffusion, n if config.conditional else 10 * n, labels,
+                          config.cfg_scale if cfg_scale is None else cfg_scale, config.sampler,
+                          config.sample_steps, config.eta, seed=0, progress=False, amp_dtype=autocast_dtype(device),
+                          cfg_min_sigma=config.cfg_min_sigma if cfg_min_sigma is None else cfg_min_sigma)
     return ev.evaluate(images, ys)
 
 
 def row(recipe, seed, steps, cfg_scale, r, secs):
     if "label_acc" in r:
-        first = f"{r['label_acc']:.3f} | {min(r['class_acc']):.3f}"
+        first = f"{r['label_acc']:.3f} | {min(r['class_acc'].values()):.3f}"
     else:
         total = sum(r["histogram"])
         first = f"{r['confident']:.3f} | {min(r['histogram']) / total:.3f}-{max(r['histogram']) / total:.3f}"
@@ -180,11 +184,14 @@ def bench(a, argv):
     device = pick_device(a.device)
     dataset_path, folder = a.dataset_path or prepare_mnist(), run_folder(a.dataset_path)
     probe = recipe_config(recipes[0], seeds[0], not a.unconditional, dataset_path, folder)
+    if a.cfg_min_sigma is not None:
+        check_cfg_min_sigma(a.cfg_min_sigma)
     ev = Evaluator(dataset_path, probe.image_size, probe.channels, device,
                    log=lambda s: print(s, file=sys.stderr))
     what = "confident share | class share (min-max)" if a.unconditional else "label acc | worst class"
     lines = [f"`python bench_quality.py {' '.join(argv if argv is not None else sys.argv[1:])}`", "",
-             f"judge: held-out accuracy {ev.heldout_acc:.3f}; {torch.get_num_threads()} threads, {device}", "",
+             f"judge: held-out accuracy {ev.heldout_acc:.3f} (its worst class on real images: "
+             f"{min(ev.heldout_class_acc.values()):.3f}); {torch.get_num_threads()} threads, {device}", "",
              f"| recipe | seed | steps | CFG | {what} | FD | floor | FD / floor | minutes (training so far) |",
              "|---|---|---|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
@@ -200,7 +207,7 @@ def bench(a, argv):
                 steps = epochs * steps_per_epoch
                 secs = time.perf_counter() - t0
                 for cfg_scale in scales or [config.cfg_scale if not a.unconditional else "-"]:
-                    r = score(run, ev, a.n, device, cfg_scale if scales else None)
+                    r = score(run, ev, a.n, device, cfg_scale if scales else None, a.cfg_min_sigma)
                     results[(recipe if len(scales) < 2 else f"{recipe}, CFG {cfg_scale}", seed, steps)] = r
                     lines.append(row(recipe, seed, steps, cfg_scale, r, secs))
                     print(lines[-1], flush=True)

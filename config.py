@@ -51,7 +51,8 @@ class RunConfig:
     sampler: str = "ddim"
     sample_steps: int = 50
     eta: float = 1.0
-    cfg_scale: float = 1.5
+    cfg_scale: float = 2.0
+    cfg_min_sigma: float = 1.0  # guidance only where sigma_t > this, t >= 259 (0: at every step, as the original)
     # the run and this machine
     run_name: str = None
     preset: str = "default"
@@ -90,7 +91,8 @@ SECTIONS = {
     "training": ("epochs", "batch_size", "lr", "warmup_steps", "lr_schedule", "lr_floor", "grad_clip",
                  "min_snr_gamma", "timesteps", "ema", "ema_beta", "ema_start",
                  "label_dropout", "label_dropout_mode", "seed", "data_seed"),
-    "sample_grids": ("sample_interval", "n_samples", "sampler", "sample_steps", "eta", "cfg_scale"),
+    "sample_grids": ("sample_interval", "n_samples", "sampler", "sample_steps", "eta", "cfg_scale",
+                     "cfg_min_sigma"),
     "run": ("run_name", "preset", "device", "num_workers", "compile", "amp"),
 }
 # what fixes the network, the diffusion and the data's shape: a resumed run keeps its own
@@ -104,14 +106,15 @@ PRESETS = {
                      lr=3e-4, epochs=500, warmup_steps=0, lr_schedule="constant", grad_clip=0.0,
                      min_snr_gamma=0.0, timesteps="uniform", ema=False, ema_beta=0.995, ema_start=2000,
                      label_dropout_mode="batch",
-                     sample_interval=1, n_samples=12, sampler="ddpm", sample_steps=999, cfg_scale=3.0),
+                     sample_interval=1, n_samples=12, sampler="ddpm", sample_steps=999, cfg_scale=3.0,
+                     cfg_min_sigma=0.0),
 }
 CONDITIONAL_PRESETS = {  # ddpm_conditional.py's own differences
     "default": dict(n_samples=80),
     "original": dict(batch_size=14, epochs=300, sample_interval=10, n_samples=10, ema=True),
 }
 # settings added to config.json later, and what a run saved without them trained with
-ADDED_LATER = dict(timesteps="uniform")
+ADDED_LATER = dict(timesteps="uniform", cfg_min_sigma=0.0)
 # what a run of an earlier version (its state.pt "args", no config.json) trained with, where its args are silent
 LEGACY = dict(crop="random", prediction="eps", warmup_steps=0, lr_floor=0.0, grad_clip=0.0, **ADDED_LATER)
 
@@ -119,6 +122,11 @@ LEGACY = dict(crop="random", prediction="eps", warmup_steps=0, lr_floor=0.0, gra
 def preset_config(preset, conditional):
     return RunConfig(conditional=conditional, preset=preset,
                      **{**PRESETS[preset], **CONDITIONAL_PRESETS[preset]} if conditional else PRESETS[preset])
+
+
+def check_cfg_min_sigma(value):
+    if not value >= 0:  # also NaN
+        raise UserError(f"--cfg-min-sigma must be >= 0 (0: guidance at every step), got {value}")
 
 
 def validate(c):
@@ -147,6 +155,7 @@ def validate(c):
     if c.sampler not in SAMPLERS or c.prediction not in PREDICTIONS:
         raise UserError(f"--sampler {c.sampler} / --prediction {c.prediction}: choose from "
                         f"{', '.join(SAMPLERS)} / {', '.join(PREDICTIONS)}")
+    check_cfg_min_sigma(c.cfg_min_sigma)
     if c.sampler == "ddpm":
         c.sample_steps = c.noise_steps - 1
     elif c.sample_steps > c.noise_steps - 1:

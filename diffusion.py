@@ -202,15 +202,20 @@ class Diffusion:
 
     @torch.inference_mode()
     def sample(self, model, n, labels=None, cfg_scale=3, sampler="ddpm", steps=None, eta=1.0,
-               generator=None, noise=None, batched_cfg=True, progress=True, raw=False, spacing=None, clip=None):
+               generator=None, noise=None, batched_cfg=True, progress=True, raw=False, spacing=None, clip=None,
+               cfg_min_sigma=0.0):
         """n images as uint8 (n, C, H, W). The default is the original's: 999 DDPM ancestral steps.
 
         sampler: a name in SAMPLERS: "ddpm" (steps defaults to 999), "ddim" (with eta), or "dpm++"
         (DPM-Solver++(2M), no noise injected). generator: a CPU torch.Generator that makes the result
         repeatable on any device. noise: the starting x_T, overriding generator for it. spacing: of the
         timesteps (see timesteps()); clip: clip each x0 prediction to [-1, 1] (see clip_eps); both default to
-        the sampler's own choice. raw=True returns the final float x as it is (no clamping, no uint8), for
-        tests and measurements."""
+        the sampler's own choice. cfg_min_sigma: guide only where the noise level sigma_t = sqrt((1 - alpha_hat_t)
+        / alpha_hat_t) exceeds it, and take the conditional prediction alone below (the lower end of Kynkaenniemi
+        et al. 2024's guidance interval; 1 is t >= 259 on the original's schedule): near the clean end guidance
+        no longer decides the class and moves samples away from the data (docs/quality.md), and skipping it
+        saves the unconditional passes there; 0 guides every step, as the original. raw=True returns the
+        final float x as it is (no clamping, no uint8), for tests and measurements."""
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}")
         net = unwrap(model)
@@ -228,6 +233,7 @@ class Diffusion:
         if kind.walks_every_step and len(ts) != self.noise_steps - 1:
             raise ValueError(f"the {sampler} sampler walks every step: use ddim or dpm++ for fewer steps")
         stepper = kind(self, eta=eta, steps=len(ts))
+        noise_level = ((1 - self.alpha_hat) / self.alpha_hat).sqrt().tolist()
         clip = kind.clip if clip is None else clip
         was_training = model.training
         model.eval()
@@ -236,7 +242,8 @@ class Diffusion:
             for i, (t_now, t_prev) in enumerate(tqdm(list(zip(ts, ts_prev)), desc=sampler, disable=not progress,
                                                      leave=False)):
                 t = torch.full((n,), t_now, device=device, dtype=torch.long)
-                eps = self.predict_noise(model, x, t, labels, cfg_scale, batched_cfg)
+                guided = noise_level[t_now] > cfg_min_sigma
+                eps = self.predict_noise(model, x, t, labels, cfg_scale if guided else 0, batched_cfg)
                 if clip:
                     eps = self.clip_eps(x, t, eps)
                 x = stepper.step(x, t, torch.full_like(t, t_prev), eps, i == len(ts) - 1, randn)

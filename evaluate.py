@@ -45,6 +45,8 @@ def report(r, classes, title=""):
     lines = [f"{title}n={r['n']}"]
     if "label_acc" in r:
         lines.append(f"label accuracy: {r['label_acc']:.3f}")
+        lines.append("per class (the judge on real held-out images): " + ", ".join(
+            f"{classes[c]}:{acc:.2f} ({r['classifier_class_acc'][c]:.2f})" for c, acc in r["class_acc"].items()))
     lines.append("class histogram: " + ", ".join(f"{c}:{k}" for c, k in zip(classes, r["histogram"])))
     lines.append(f"in-domain FD ({r['fd_n']} vs held-out): {r['fd']:.3f}  (real-vs-real floor {r['fd_floor']:.3f}; "
                  f"classifier held-out accuracy {r['classifier_acc']:.3f})")
@@ -73,7 +75,7 @@ def samples_from_checkpoint(a, device):
     labels = labels_for(config, a.labels, ckpt)
     resolve_sampling(a, config)
     images, ys = generate(model, diffusion, a.n, labels, a.cfg_scale, a.sampler, a.steps, a.eta, a.seed,
-                          amp_dtype=autocast_dtype(device, a.amp))
+                          amp_dtype=autocast_dtype(device, a.amp), cfg_min_sigma=a.cfg_min_sigma)
     return images, ys, config.channels, config.dataset_path
 
 

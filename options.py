@@ -61,6 +61,8 @@ def parse_args(conditional, argv=None):
     if conditional:
         opt("--num-classes", type=int, help="label embedding size; at least the dataset's class count")
         opt("--cfg-scale", type=float, help="classifier-free guidance scale for the grids")
+        opt("--cfg-min-sigma", type=float, help="guide the grids only at noise levels sigma_t above this (1: t >= "
+                                                 "259); 0: at every step")
         opt("--label-dropout", type=float, help="share of labels dropped for CFG training")
         opt("--label-dropout-mode", choices=("sample", "batch"),
             help="drop labels per sample, or whole batches as the original")

@@ -86,6 +86,11 @@ def shift_and_rotate(x, generator, shift=2, degrees=10):
     return F.grid_sample(x + 1, grid, mode="bilinear", padding_mode="zeros", align_corners=False) - 1
 
 
+def per_class(right, labels):
+    """{label: the share of its samples that are right}, for each label present."""
+    return {c: float(right[labels == c].float().mean()) for c in labels.unique().tolist()}
+
+
 def to_float(images):
     """uint8 (N, C, H, W) to the [-1, 1] floats the networks see."""
     return images.float() / 255 * 2 - 1
@@ -98,8 +103,8 @@ class Evaluator:
     B. Generated images are compared with B; A vs B is the real-vs-real floor. Real images are the dataset's
     images as they are (resized, centre cropped, uint8; no augmentation, whatever crop the diffusion model
     trained with), so FD measures the distance from the user's data. The judge trains on its share with
-    random shifts and small rotations; its accuracy on A and B is `heldout_acc`. The diffusion model itself
-    saw all images: "held out" is from the judge."""
+    random shifts and small rotations; its accuracy on A and B is `heldout_acc` (`heldout_class_acc` per
+    class). The diffusion model itself saw all images: "held out" is from the judge."""
 
     def __init__(self, dataset_path=None, image_size=16, channels=1, device="cpu", cache_dir="models",
                  epochs=20, seed=0, log=print, train_share=0.8):
@@ -140,6 +145,9 @@ class Evaluator:
                 f"{self.heldout_acc:.4f}, cached in {path}")
         self.net.eval()
         self.feat_b = self.features(self.real_b)[1]
+        # what the judge can certify per class: on real digits it errs most on some classes (9s on MNIST)
+        real, real_labels = torch.cat([self.real_a, self.real_b]), torch.cat([self.labels_a, self.labels_b])
+        self.heldout_class_acc = per_class(self.features(real)[0].argmax(1) == real_labels, real_labels)
 
     @staticmethod
     def cache_key(dataset_path, recipe):
@@ -202,7 +210,8 @@ class Evaluator:
 
     def evaluate(self, images, labels=None):
         """A dict: n; the judge's class histogram and the share it classifies with confidence >= 0.9; with
-        labels, the label accuracy overall and per class; the FD against B, and the floor (A vs B)."""
+        labels, the label accuracy overall and per class ({label: share}, beside the judge's own on real
+        images); the FD against B, and the floor (A vs B)."""
         if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1:] != self.real_b.shape[1:]:
             raise UserError(f"samples must be uint8 {tuple(self.real_b.shape[1:])} images like the dataset's at "
                             f"this --image-size/--channels, got {images.dtype} {tuple(images.shape[1:])}")
@@ -219,7 +228,8 @@ class Evaluator:
             labels = torch.as_tensor(labels)
             right = (pred == labels).float()
             out["label_acc"] = float(right.mean())
-            out["class_acc"] = [float(right[labels == c].mean()) for c in labels.unique().tolist()]
+            out["class_acc"] = per_class(right, labels)
+            out["classifier_class_acc"] = self.heldout_class_acc
         return out
 
 

@@ -7,6 +7,7 @@ import re
 import torch
 
 from checkpoints import load_model, resolve_ckpt
+from config import check_cfg_min_sigma
 from diffusion import SAMPLERS
 from hardware import autocast
 from utils import UserError
@@ -34,13 +35,15 @@ def add_sampling_options(opt):
     opt("--steps", type=int, help="network evaluations per image (default: the run's, or the sampler's)")
     opt("--eta", type=float, help="DDIM noise: 0 deterministic, 1 DDPM-like (default: the run's)")
     opt("--cfg-scale", type=float, help="classifier-free guidance scale, 0: none (default: the run's)")
+    opt("--cfg-min-sigma", type=float, help="guide only at noise levels sigma_t above this (1: t >= 259), 0: at "
+                                            "every step (default: the run's)")
     opt("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     opt("--amp", action=argparse.BooleanOptionalAction, default=True,
         help="bf16 autocast on CUDA and AMX CPUs (fp16 on CUDA without bf16); --no-amp: fp32")
 
 
 def resolve_sampling(a, config):
-    """Fill a's unset sampler, steps, eta and guidance scale from the run's config, and check them."""
+    """Fill a's unset sampler, steps, eta and guidance settings from the run's config, and check them."""
     last = config.noise_steps - 1
     same_sampler = a.sampler in (None, config.sampler)
     a.sampler = a.sampler or config.sampler
@@ -55,6 +58,8 @@ def resolve_sampling(a, config):
         raise UserError(f"--eta must be >= 0, got {a.eta}")
     a.eta = config.eta if a.eta is None else a.eta
     a.cfg_scale = config.cfg_scale if a.cfg_scale is None else a.cfg_scale
+    a.cfg_min_sigma = config.cfg_min_sigma if a.cfg_min_sigma is None else a.cfg_min_sigma
+    check_cfg_min_sigma(a.cfg_min_sigma)
 
 
 def parse_labels(text, num_classes):
@@ -82,7 +87,7 @@ def labels_for(config, text, ckpt="the checkpoint"):
 
 
 def generate(model, diffusion, n, labels=None, cfg_scale=3.0, sampler="ddim", steps=None, eta=1.0,
-             seed=None, batch_size=500, progress=True, amp_dtype=None):
+             seed=None, batch_size=500, progress=True, amp_dtype=None, cfg_min_sigma=0.0):
     """n images per label (or n in all without labels) as uint8 (N, C, H, W), label-major, and their labels
     (None for an unconditional model). The same seed and batch size give the same images. amp_dtype: the
     network runs under that autocast (hardware.autocast_dtype), None for fp32."""
@@ -95,5 +100,5 @@ def generate(model, diffusion, n, labels=None, cfg_scale=3.0, sampler="ddim", st
         y = all_labels[i:i + b] if all_labels is not None else None
         with autocast(diffusion.device, amp_dtype):
             out.append(diffusion.sample(model, b, y, cfg_scale=cfg_scale, sampler=sampler, steps=steps, eta=eta,
-                                        generator=g, progress=progress).cpu())
+                                        generator=g, progress=progress, cfg_min_sigma=cfg_min_sigma).cpu())
     return torch.cat(out), all_labels

@@ -151,7 +151,7 @@ def sample_grid(run, model):
     labels = torch.arange(c.n_samples) % c.num_classes if c.conditional else None
     with autocast(run.device, run.amp_dtype):
         return run.diffusion.sample(model, c.n_samples, labels, cfg_scale=c.cfg_scale, sampler=c.sampler,
-                                    steps=c.sample_steps, eta=c.eta, generator=g)
+                                    steps=c.sample_steps, eta=c.eta, generator=g, cfg_min_sigma=c.cfg_min_sigma)
 
 
 def save_grids(run, epoch, logger):

@@ -84,6 +84,9 @@ def test_evaluator_trains_caches_and_scores(tmp_path):
     assert len(cached) == 1 and cached[0].startswith("classifier_") and logs
     r = ev.evaluate(ev.real_a, ev.labels_a)
     assert r["label_acc"] > 0.9 and r["fd"] == pytest.approx(r["fd_floor"])
+    assert r["class_acc"] == {0: ev.accuracy(ev.real_a[ev.labels_a == 0], ev.labels_a[ev.labels_a == 0]),
+                              1: ev.accuracy(ev.real_a[ev.labels_a == 1], ev.labels_a[ev.labels_a == 1])}
+    assert set(ev.heldout_class_acc) == {0, 1} and min(ev.heldout_class_acc.values()) > 0.8
     # wrong labels, one class only and pure noise all score worse
     bad = ev.evaluate(ev.real_a, 1 - ev.labels_a)
     assert bad["label_acc"] < 0.1
@@ -105,6 +108,7 @@ def test_evaluate_cli_on_a_sample_folder(tmp_path, capsys, monkeypatch):
     evaluate.main(["--samples", samples, "--dataset-path", data, "--device", "cpu"])
     out = capsys.readouterr().out
     assert "label accuracy: 1.000" in out and "in-domain FD" in out
+    assert "per class (the judge on real held-out images): 0:1.00 (" in out
     assert "FID (Inception): not computed" in out
     with pytest.raises(SystemExit) as e:
         evaluate.main(["--samples", str(tmp_path / "none"), "--dataset-path", data])

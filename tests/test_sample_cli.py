@@ -115,7 +115,7 @@ def test_amp_flag_sets_the_networks_precision(tmp_path, capsys, monkeypatch):
 
 
 @pytest.mark.parametrize("case", ["missing", "label_range", "uncond_labels", "size", "unwritable", "bad_labels",
-                                  "ddpm_steps"])
+                                  "ddpm_steps", "cfg_min_sigma"])
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys, case):
     cond = make_run(tmp_path / "cond")
     uncond = make_run(tmp_path / "uncond", conditional=False)
@@ -130,6 +130,7 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys, ca
         "unwritable": ["--ckpt", cond, "--out", str(blocker / "sub" / "g.png")],
         "bad_labels": ["--ckpt", cond, "--labels", "one"],
         "ddpm_steps": ["--ckpt", cond, "--sampler", "ddpm", "--steps", "5"],
+        "cfg_min_sigma": ["--ckpt", cond, "--cfg-min-sigma", "-1"],
     }[case]
     before = sorted(os.listdir(tmp_path))
     code, stdout, stderr = run(argv + (["--out", out] if "--out" not in argv else []), capsys)

@@ -164,3 +164,31 @@ def test_clipping_keeps_each_x0_prediction_in_the_data_range():
         raw = (x - (1 - a).sqrt() * eps) / a.sqrt()
         assert torch.allclose(x0, raw.clamp(-1, 1), atol=1e-3)
         assert raw.abs().max() > 1  # so the clip did something
+
+
+def test_guidance_interval_guides_only_above_cfg_min_sigma():
+    d = Diffusion(noise_steps=50, img_size=8, device="cpu")
+    sigma = ((1 - d.alpha_hat) / d.alpha_hat).sqrt()  # the noise level of each timestep
+    model = tiny(True)
+    calls = []  # (timestep, batch size) of every network pass
+    model.register_forward_pre_hook(lambda m, args: calls.append((int(args[1][0]), len(args[0]))))
+    xT = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+
+    def sample(cfg_scale=3, **kw):
+        calls.clear()
+        return d.sample(model, 2, torch.tensor([0, 2]), cfg_scale=cfg_scale, sampler="ddim", steps=5, eta=0.0,
+                        noise=xT, progress=False, raw=True, **kw)
+
+    everywhere = sample()
+    assert all(n == 4 for _, n in calls)  # conditional and unconditional halves at every step
+    assert torch.equal(sample(cfg_min_sigma=0.0), everywhere)
+    level = float(sigma[25])  # halfway along this short schedule
+    interval = sample(cfg_min_sigma=level)
+    assert calls and all(n == (4 if sigma[t] > level else 2) for t, n in calls)
+    assert {n for _, n in calls} == {2, 4}  # one pass, not two, where unguided
+    unguided = sample(cfg_scale=0)
+    assert torch.equal(sample(cfg_min_sigma=1e9), unguided)
+    assert not torch.allclose(interval, everywhere) and not torch.allclose(interval, unguided)
+    # on the original's 1000-step schedule sigma_t passes 1 between t = 258 and 259, as the docs say
+    full = Diffusion(img_size=8, device="cpu")
+    assert int((((1 - full.alpha_hat) / full.alpha_hat).sqrt() > 1).nonzero()[0]) == 259

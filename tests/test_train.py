@@ -66,9 +66,11 @@ def test_original_preset_is_the_originals():
 def test_a_config_saved_before_a_setting_existed_loads_as_it_trained():
     from config import ADDED_LATER, RunConfig
 
-    sections = RunConfig(timesteps="weighted").to_json()
-    del sections["training"]["timesteps"]
-    assert RunConfig.from_json(sections).timesteps == ADDED_LATER["timesteps"] == "uniform"
+    sections = RunConfig(timesteps="weighted", cfg_min_sigma=1.0).to_json()
+    del sections["training"]["timesteps"], sections["sample_grids"]["cfg_min_sigma"]
+    old = RunConfig.from_json(sections)
+    assert old.timesteps == ADDED_LATER["timesteps"] == "uniform"
+    assert old.cfg_min_sigma == ADDED_LATER["cfg_min_sigma"] == 0  # its grids were guided at every step
 
 
 def test_loss_falls_on_a_fixed_batch():
