@@ -131,6 +131,7 @@ def make_bad_folders(root):
     (["--epochs", "-1"], "--epochs must be positive"),
     (["--lr", "0"], "--lr must be positive"),
     (["--timesteps", "weighted", "--min-snr-gamma", "0"], "--timesteps weighted draws timesteps by their"),
+    (["--cfg-min-sigma", "-1"], "--cfg-min-sigma must be >= 0"),
     (["--device", "tpu"], "--device tpu"),
     (["--device", "cuda"], "CUDA is not available"),
     (["--resume", "--run-name", "never"], "nothing to resume in models/never"),

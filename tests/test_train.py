@@ -57,8 +57,10 @@ def test_original_preset_is_the_originals():
         ("eps", "random", 0, 0.0, 0.0, 3.0)
     assert resolve_args(parse_args(False, []))[0].ema and not resolve_args(parse_args(False, ["--no-ema"]))[0].ema
     c, _ = resolve_args(parse_args(True, ["--preset", "original"]))
-    assert (c.batch_size, c.epochs, c.ema_beta, c.ema_start, c.cfg_scale, c.sample_interval, c.n_samples,
-            c.label_dropout_mode, c.ema) == (14, 300, 0.995, 2000, 3.0, 10, 10, "batch", True)
+    assert (c.batch_size, c.epochs, c.ema_beta, c.ema_start, c.cfg_scale, c.cfg_min_sigma, c.sample_interval,
+            c.n_samples, c.label_dropout_mode, c.ema) == (14, 300, 0.995, 2000, 3.0, 0.0, 10, 10, "batch", True)
+    g, _ = resolve_args(parse_args(True, ["--cfg-min-sigma", "0.5"]))
+    assert g.cfg_min_sigma == 0.5 and resolve_args(parse_args(True, []))[0].cfg_min_sigma == 1.0
     u, _ = resolve_args(parse_args(True, ["--batch_size", "7"]))  # underscore alias
     assert u.batch_size == 7
 
