@@ -195,7 +195,7 @@ def bench(a, argv):
              f"| recipe | seed | steps | CFG | {what} | FD | floor | FD / floor | minutes (training so far) |",
              "|---|---|---|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
-    results = {}
+    results, batch_sizes = {}, {}
     for recipe in recipes:
         for seed in seeds:
             config = recipe_config(recipe, seed, not a.unconditional, dataset_path, folder)
@@ -208,42 +208,49 @@ def bench(a, argv):
                 secs = time.perf_counter() - t0
                 for cfg_scale in scales or [config.cfg_scale if not a.unconditional else "-"]:
                     r = score(run, ev, a.n, device, cfg_scale if scales else None, a.cfg_min_sigma)
-                    results[(recipe if len(scales) < 2 else f"{recipe}, CFG {cfg_scale}", seed, steps)] = r
+                    label = recipe if len(scales) < 2 else f"{recipe}, CFG {cfg_scale}"
+                    results[(label, seed, steps)], batch_sizes[label] = r, config.batch_size
                     lines.append(row(recipe, seed, steps, cfg_scale, r, secs))
                     print(lines[-1], flush=True)
     os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
     with open(a.out, "w") as f:
         f.write("\n".join(lines) + "\n")
     if a.plot:
-        plot(results, a.plot, a.unconditional)
+        plot(results, a.plot, a.unconditional, batch_sizes)
         print(f"plotted {a.plot}", file=sys.stderr)
 
 
-def plot(results, path, unconditional):
-    """Mean over seeds of each recipe: the first figure (label accuracy or confident share) and FD/floor."""
+def plot(results, path, unconditional, batch_sizes):
+    """Mean over seeds of each recipe: the first figure (label accuracy or confident share) and FD/floor.
+    batch_sizes: each recipe's, which says what a step is (in the axis label, or per line when they differ).
+    Returns the figure."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     key = "confident" if unconditional else "label_acc"
+    same_batch = len(set(batch_sizes.values())) == 1
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
     for recipe in dict.fromkeys(r for r, _, _ in results):
         steps = sorted({s for r, _, s in results if r == recipe})
         for ax, f in zip(axes, (lambda r: r[key], lambda r: r["fd"] / r["fd_floor"])):
             ys = [sum(f(v) for (r, _, s), v in results.items() if r == recipe and s == st) /
                   sum(1 for (r, _, s) in results if r == recipe and s == st) for st in steps]
-            ax.plot(steps, ys, marker="o", label=recipe)
+            ax.plot(steps, ys, marker="o",
+                    label=recipe if same_batch else f"{recipe} (batch {batch_sizes[recipe]})")
     axes[0].set_ylabel("confident share" if unconditional else "label accuracy (judge)")
     axes[1].set_ylabel("in-domain FD / real-vs-real floor")
     axes[1].set_yscale("log")
     for ax in axes:
-        ax.set_xlabel("optimizer steps (batch 64)")
+        ax.set_xlabel(f"optimizer steps (batch {next(iter(batch_sizes.values()))})" if same_batch else
+                      "optimizer steps")
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fig.savefig(path, dpi=110)
+    return fig
 
 
 if __name__ == "__main__":

@@ -201,3 +201,18 @@ def test_the_judge_is_the_same_whatever_the_thread_count(tmp_path):
     finally:
         torch.set_num_threads(before)
     assert torch.equal(weights[0], weights[1])
+
+
+def test_quality_plot_says_what_a_step_is(tmp_path):
+    import bench_quality
+
+    r = {"label_acc": 0.9, "fd": 2.0, "fd_floor": 1.0}
+    results = {(recipe, 0, steps): r for recipe in ("default", "batch-32") for steps in (100, 200)}
+    same = bench_quality.plot(results, str(tmp_path / "a.png"), False, {"default": 64, "batch-32": 64})
+    assert same.axes[0].get_xlabel() == "optimizer steps (batch 64)" and (tmp_path / "a.png").is_file()
+    mixed = bench_quality.plot(results, str(tmp_path / "b.png"), False, {"default": 64, "batch-32": 32})
+    assert mixed.axes[0].get_xlabel() == "optimizer steps"
+    assert [t.get_text() for t in mixed.axes[0].get_legend().get_texts()] == ["default (batch 64)",
+                                                                                "batch-32 (batch 32)"]
+    import matplotlib.pyplot as plt
+    plt.close(same), plt.close(mixed)
