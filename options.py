@@ -10,6 +10,19 @@ from diffusion import PREDICTIONS, SAMPLERS
 from utils import UserError, option_adder
 
 
+def add_grid_options(opt, conditional):
+    """How the sample grids saved during training are drawn."""
+    opt("--sample-interval", type=int, help="save a sample grid every N epochs (and after the last)")
+    opt("--n-samples", type=int, help="images per sample grid")
+    opt("--sampler", choices=SAMPLERS, help="sampler for the grids")
+    opt("--sample-steps", type=int, help="network evaluations per grid image (ddpm: all)")
+    opt("--eta", type=float, help="DDIM noise: 0 deterministic, 1 DDPM-like")
+    if conditional:
+        opt("--cfg-scale", type=float, help="classifier-free guidance scale for the grids")
+        opt("--cfg-min-sigma", type=float, help="guide the grids only at noise levels sigma_t above this (1: "
+                                                 "t >= 259); 0: at every step")
+
+
 def parse_args(conditional, argv=None):
     """The command line; what it leaves unset stays None and comes from the preset or the resumed run."""
     p = argparse.ArgumentParser(
@@ -45,11 +58,7 @@ def parse_args(conditional, argv=None):
     opt("--seed", type=int, help="makes a CPU run repeatable")
     opt("--num-workers", type=int, help="DataLoader workers (default: 0 on CPU, 4 on GPU)")
     opt("--noise-steps", type=int, help="diffusion steps T")
-    opt("--sample-interval", type=int, help="save a sample grid every N epochs (and after the last)")
-    opt("--n-samples", type=int, help="images per sample grid")
-    opt("--sampler", choices=SAMPLERS, help="sampler for the grids")
-    opt("--sample-steps", type=int, help="network evaluations per grid image (ddpm: all)")
-    opt("--eta", type=float, help="DDIM noise: 0 deterministic, 1 DDPM-like")
+    add_grid_options(opt, conditional)
     opt("--ema-beta", type=float, help="EMA decay")
     opt("--ema-start", type=int, help="steps of hard copy before the EMA starts averaging")
     opt("--resume", action="store_true", help="continue the run named --run-name from its last save")
@@ -60,9 +69,6 @@ def parse_args(conditional, argv=None):
              "AMX; --no-amp: fp32 everywhere")
     if conditional:
         opt("--num-classes", type=int, help="label embedding size; at least the dataset's class count")
-        opt("--cfg-scale", type=float, help="classifier-free guidance scale for the grids")
-        opt("--cfg-min-sigma", type=float, help="guide the grids only at noise levels sigma_t above this (1: t >= "
-                                                 "259); 0: at every step")
         opt("--label-dropout", type=float, help="share of labels dropped for CFG training")
         opt("--label-dropout-mode", choices=("sample", "batch"),
             help="drop labels per sample, or whole batches as the original")
