@@ -144,10 +144,11 @@ class Evaluator:
             log(f"classifier: trained in {secs:.0f} s (one thread), held-out accuracy "
                 f"{self.heldout_acc:.4f}, cached in {path}")
         self.net.eval()
-        self.feat_b = self.features(self.real_b)[1]
+        logits_b, self.feat_b = self.features(self.real_b)
         # what the judge can certify per class: on real digits it errs most on some classes (9s on MNIST)
-        real, real_labels = torch.cat([self.real_a, self.real_b]), torch.cat([self.labels_a, self.labels_b])
-        self.heldout_class_acc = per_class(self.features(real)[0].argmax(1) == real_labels, real_labels)
+        pred = torch.cat([self.features(self.real_a)[0], logits_b]).argmax(1)
+        real_labels = torch.cat([self.labels_a, self.labels_b])
+        self.heldout_class_acc = per_class(pred == real_labels, real_labels)
 
     @staticmethod
     def cache_key(dataset_path, recipe):
