@@ -32,6 +32,7 @@ class RunConfig:
     epochs: int = 12  # 936 steps of 64 on the bundled digits
     batch_size: int = 64
     lr: float = 3e-3
+    adam_beta2: float = 0.999  # AdamW's second-moment decay (0.999: PyTorch's default, as the original)
     warmup_steps: int = 100  # linear warm-up from 0 to lr
     lr_schedule: str = "cosine"  # down to lr_floor * lr at the run's last step; or "constant"
     lr_floor: float = 0.1
@@ -88,7 +89,7 @@ SECTIONS = {
     "network": ("conditional", "channels", "base_width", "num_classes", "time_dim"),
     "diffusion": ("noise_steps", "beta_start", "beta_end", "prediction"),
     "data": ("image_size", "dataset_path", "crop"),
-    "training": ("epochs", "batch_size", "lr", "warmup_steps", "lr_schedule", "lr_floor", "grad_clip",
+    "training": ("epochs", "batch_size", "lr", "adam_beta2", "warmup_steps", "lr_schedule", "lr_floor", "grad_clip",
                  "min_snr_gamma", "timesteps", "ema", "ema_beta", "ema_start",
                  "label_dropout", "label_dropout_mode", "seed", "data_seed"),
     "sample_grids": ("sample_interval", "n_samples", "sampler", "sample_steps", "eta", "cfg_scale",
@@ -114,7 +115,7 @@ CONDITIONAL_PRESETS = {  # ddpm_conditional.py's own differences
     "original": dict(batch_size=14, epochs=300, sample_interval=10, n_samples=10, ema=True),
 }
 # settings added to config.json later, and what a run saved without them trained with
-ADDED_LATER = dict(timesteps="uniform", cfg_min_sigma=0.0)
+ADDED_LATER = dict(timesteps="uniform", cfg_min_sigma=0.0, adam_beta2=0.999)
 # what a run of an earlier version (its state.pt "args", no config.json) trained with, where its args are silent
 LEGACY = dict(crop="random", prediction="eps", warmup_steps=0, lr_floor=0.0, grad_clip=0.0, **ADDED_LATER)
 
@@ -137,6 +138,8 @@ def validate(c):
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(c, name)}")
     if c.lr <= 0:
         raise UserError(f"--lr must be positive, got {c.lr}")
+    if not 0 <= c.adam_beta2 < 1:
+        raise UserError(f"--adam-beta2 must lie in [0, 1), got {c.adam_beta2}")
     for name in ("warmup_steps", "grad_clip", "ema_start"):
         if getattr(c, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(c, name)}")

@@ -43,6 +43,10 @@ class Diffusion:
         self.beta = self.prepare_noise_schedule().to(self.device)
         self.alpha = 1.0 - self.beta
         self.alpha_hat = torch.cumprod(self.alpha, dim=0)
+        # signal-to-noise ratio alpha_hat / (1 - alpha_hat): the min-SNR weight, the noise level sigma_t =
+        # SNR^-1/2 the guidance interval reads, and lambda = log(SNR) / 2 that DPM-Solver steps in
+        self.snr = self.alpha_hat / (1 - self.alpha_hat)
+        self._weight_tables = {}
 
     @property
     def image_hw(self):
@@ -70,10 +74,17 @@ class Diffusion:
         (importance sampling): uniform t spends about half the batch where that weight is below 0.05 and
         adds almost nothing to the gradient. training_loss(importance_sampled=True) divides the proportion
         back out, so the expected loss is the uniform one's and only its variance falls."""
-        weight = self.loss_weight(torch.arange(1, self.noise_steps, device=self.alpha_hat.device), gamma)
         device = generator.device if generator is not None else self.device
-        t = torch.multinomial(weight.to(device), n, replacement=True, generator=generator)
+        t = torch.multinomial(self.weight_table(gamma).to(device), n, replacement=True, generator=generator)
         return t + 1
+
+    def weight_table(self, gamma):
+        """loss_weight(t, gamma) for t = 1..noise_steps-1, built once per gamma: every weighted step reads it
+        twice (to draw t, and for its mean in training_loss)."""
+        if gamma not in self._weight_tables:
+            self._weight_tables[gamma] = self.loss_weight(torch.arange(1, self.noise_steps, device=self.snr.device),
+                                                          gamma)
+        return self._weight_tables[gamma]
 
     # ---- what the network predicts, and the training loss ---------------------------------------------
 
@@ -100,8 +111,7 @@ class Diffusion:
         Strategy"): the weight that turns each target's MSE into min(SNR_t, gamma) times the x0 error, so the
         nearly clean timesteps, whose noise is easy to predict but says little about the image, stop
         dominating the gradient. eps: min(SNR, gamma) / SNR; v: min(SNR, gamma) / (SNR + 1); x0: min(SNR, gamma)."""
-        a = self.alpha_hat.to(t.device)[t]
-        snr = a / (1 - a)
+        snr = self.snr.to(t.device)[t]
         clipped = snr.clamp(max=gamma)
         return {"eps": clipped / snr, "v": clipped / (snr + 1), "x0": clipped}[self.prediction]
 
@@ -113,8 +123,7 @@ class Diffusion:
         if not min_snr_gamma:
             return mse.mean(), mse
         if importance_sampled:
-            all_t = torch.arange(1, self.noise_steps, device=t.device)
-            return mse.mean() * self.loss_weight(all_t, min_snr_gamma).mean(), mse
+            return mse.mean() * self.weight_table(min_snr_gamma).mean().to(mse.device), mse
         return (mse * self.loss_weight(t, min_snr_gamma)).mean(), mse
 
     # ---- the network's noise prediction, with classifier-free guidance ---------------------------------
@@ -158,7 +167,7 @@ class Diffusion:
         if spacing == "time":
             ts = torch.linspace(self.noise_steps - 1, 0, steps + 1).round().long().tolist()
         elif spacing == "logsnr":
-            lam = 0.5 * (self.alpha_hat / (1 - self.alpha_hat)).log().cpu()  # increasing as t falls
+            lam = 0.5 * self.snr.log().cpu()  # increasing as t falls
             target = torch.linspace(lam[-1].item(), lam[0].item(), steps + 1)
             ts = [int((lam - v).abs().argmin()) for v in target]
             # near t=0 several targets round to one index: keep them distinct, within reach of both ends
@@ -188,7 +197,7 @@ class Diffusion:
     def dpm_solver_step(self, x, t, t_prev, eps, x0_last, h_last, first_order):
         """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2) in data prediction. Returns (x, x0, h)."""
         a, a_prev = _at(self.alpha_hat, t, x), _at(self.alpha_hat, t_prev, x)
-        lam, lam_prev = 0.5 * (a / (1 - a)).log(), 0.5 * (a_prev / (1 - a_prev)).log()  # log(alpha/sigma)
+        lam, lam_prev = 0.5 * _at(self.snr, t, x).log(), 0.5 * _at(self.snr, t_prev, x).log()  # log(alpha/sigma)
         h = lam_prev - lam
         x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
         d = x0
@@ -233,7 +242,7 @@ class Diffusion:
         if kind.walks_every_step and len(ts) != self.noise_steps - 1:
             raise ValueError(f"the {sampler} sampler walks every step: use ddim or dpm++ for fewer steps")
         stepper = kind(self, eta=eta, steps=len(ts))
-        noise_level = ((1 - self.alpha_hat) / self.alpha_hat).sqrt().tolist()
+        noise_level = self.snr.rsqrt().tolist()  # sigma_t, one host transfer per call
         clip = kind.clip if clip is None else clip
         was_training = model.training
         model.eval()

@@ -58,7 +58,8 @@ def build_run(c, rank, world, device, steps_per_epoch):
                                                         else None)
     ema_model = copy.deepcopy(model).eval().requires_grad_(False) if c.ema else None  # of those weights
     # fused: one kernel for all tensors, 4-6x faster than the per-tensor loop on the CPU (bench.py)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=c.lr, fused=device.type in ("cuda", "cpu"))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=c.lr, betas=(0.9, c.adam_beta2),
+                                  fused=device.type in ("cuda", "cpu"))
     if c.compile:
         net = torch.compile(net)
     return Run(c, rank, world, device, model, net, ema_model, EMA(c.ema_beta, c.ema_start) if c.ema else None,
@@ -175,6 +176,8 @@ def resume(run):
     """Load the run's last save into `run`; returns (epoch, step in it) to continue from."""
     state = load_run(os.path.join("models", run.config.run_name), run.model, run.ema_model, run.optimizer)
     match_state_layout(run.optimizer)
+    for group in run.optimizer.param_groups:  # the saved betas came back with the state: the config decides
+        group["betas"] = (group["betas"][0], run.config.adam_beta2)
     if run.ema is not None:
         run.ema.load_state_dict(state["ema"])
     run.scaler.load_state_dict(state["scaler"])

@@ -130,6 +130,7 @@ def make_bad_folders(root):
     (["--batch-size", "0"], "--batch-size must be positive"),
     (["--epochs", "-1"], "--epochs must be positive"),
     (["--lr", "0"], "--lr must be positive"),
+    (["--adam-beta2", "1"], "--adam-beta2 must lie in [0, 1)"),
     (["--timesteps", "weighted", "--min-snr-gamma", "0"], "--timesteps weighted draws timesteps by their"),
     (["--cfg-min-sigma", "-1"], "--cfg-min-sigma must be >= 0"),
     (["--device", "tpu"], "--device tpu"),

@@ -68,11 +68,13 @@ def test_original_preset_is_the_originals():
 def test_a_config_saved_before_a_setting_existed_loads_as_it_trained():
     from config import ADDED_LATER, RunConfig
 
-    sections = RunConfig(timesteps="weighted", cfg_min_sigma=1.0).to_json()
+    sections = RunConfig(timesteps="weighted", cfg_min_sigma=1.0, adam_beta2=0.9).to_json()
     del sections["training"]["timesteps"], sections["sample_grids"]["cfg_min_sigma"]
+    del sections["training"]["adam_beta2"]
     old = RunConfig.from_json(sections)
     assert old.timesteps == ADDED_LATER["timesteps"] == "uniform"
     assert old.cfg_min_sigma == ADDED_LATER["cfg_min_sigma"] == 0  # its grids were guided at every step
+    assert old.adam_beta2 == ADDED_LATER["adam_beta2"] == 0.999  # PyTorch's default, all it could use
 
 
 def test_loss_falls_on_a_fixed_batch():
@@ -129,6 +131,18 @@ def test_cosine_schedule_decays_the_lr(image_folder, in_tmp):
                        "--lr-schedule", "cosine", "--lr-floor", "0.1", "--warmup-steps", "0", *TINY])
     lr = load_checkpoint("models/cos/optim.pt")["param_groups"][0]["lr"]
     assert lr == pytest.approx(1e-4)  # the last of 6 steps lands on the floor
+
+
+def test_adam_beta2_reaches_the_optimizer_and_a_resume(image_folder, in_tmp):
+    import train
+
+    args = ["--dataset-path", image_folder, "--run-name", "b2", *TINY]
+    train.main(False, [*args, "--epochs", "1", "--adam-beta2", "0.95"])
+    assert load_checkpoint("models/b2/optim.pt")["param_groups"][0]["betas"] == (0.9, 0.95)
+    train.main(False, [*args, "--epochs", "2", "--resume"])  # the run's own setting, not the default
+    assert load_checkpoint("models/b2/optim.pt")["param_groups"][0]["betas"] == (0.9, 0.95)
+    train.main(False, [*args, "--epochs", "3", "--resume", "--adam-beta2", "0.99"])  # a new value wins
+    assert load_checkpoint("models/b2/optim.pt")["param_groups"][0]["betas"] == (0.9, 0.99)
 
 
 def test_learning_rate_warms_up_then_decays_to_the_floor():
