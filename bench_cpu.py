@@ -2,7 +2,7 @@
 
     python bench_cpu.py            # prints two markdown tables (about 3 minutes on 2 cores)
 
-OpenMP: the default configuration's training step (UNet_conditional, width 16, 16x16x1, batch 64, fused
+OpenMP: the default network's training step (UNet_conditional, width 16, 16x16x1, at batch 64; fused
 AdamW) in fresh processes, on an idle CPU and with two jobs sharing it; libgomp reads its settings once,
 when torch loads it. bf16: the default configuration's and the original's (64x64, width 64, batch 12) training
 step in fp32 and under CPU bf16 autocast, contiguous NCHW both: the input to hardware.autocast_dtype's choice,

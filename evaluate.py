@@ -48,6 +48,8 @@ def report(r, classes, title=""):
         lines.append("per class (the judge on real held-out images): " + ", ".join(
             f"{classes[c]}:{acc:.2f} ({r['classifier_class_acc'][c]:.2f})" for c, acc in r["class_acc"].items()))
     lines.append("class histogram: " + ", ".join(f"{c}:{k}" for c, k in zip(classes, r["histogram"])))
+    lines.append(f"confident (the judge's top class at >= 0.9): {r['confident']:.3f}  (real held-out images: "
+                 f"{r['classifier_confident']:.3f})")
     lines.append(f"in-domain FD ({r['fd_n']} vs held-out): {r['fd']:.3f}  (real-vs-real floor {r['fd_floor']:.3f}; "
                  f"classifier held-out accuracy {r['classifier_acc']:.3f})")
     return "\n".join(lines)

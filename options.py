@@ -44,7 +44,7 @@ def parse_args(conditional, argv=None):
     opt("--prediction", choices=PREDICTIONS, help="what the network predicts: the noise (eps, the original), "
                                                   "v, or the clean image x0")
     opt("--lr", type=float, help="AdamW learning rate")
-    opt("--adam-beta2", type=float, help="AdamW's second-moment decay (default 0.999)")
+    opt("--adam-beta2", type=float, help="AdamW's second-moment decay (0.999: PyTorch's default, as the original)")
     opt("--warmup-steps", type=int, help="linear learning-rate warm-up over this many steps (0: none)")
     opt("--lr-schedule", choices=("constant", "cosine"), help="after the warm-up: constant as the original, or "
                                                                "a cosine decay to --lr-floor x lr at the last step")

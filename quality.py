@@ -91,6 +91,11 @@ def per_class(right, labels):
     return {c: float(right[labels == c].float().mean()) for c in labels.unique().tolist()}
 
 
+def confident_share(logits, threshold=0.9):
+    """The share of images whose top class has a softmax probability of at least `threshold`."""
+    return float((logits.softmax(1).max(1).values >= threshold).float().mean())
+
+
 def to_float(images):
     """uint8 (N, C, H, W) to the [-1, 1] floats the networks see."""
     return images.float() / 255 * 2 - 1
@@ -145,10 +150,12 @@ class Evaluator:
                 f"{self.heldout_acc:.4f}, cached in {path}")
         self.net.eval()
         logits_b, self.feat_b = self.features(self.real_b)
-        # what the judge can certify per class: on real digits it errs most on some classes (9s on MNIST)
-        pred = torch.cat([self.features(self.real_a)[0], logits_b]).argmax(1)
+        # what the judge can certify per class: on real digits it errs most on some classes (9s on MNIST);
+        # and the share of real images it is confident about, the ceiling for unconditional samples'
+        logits = torch.cat([self.features(self.real_a)[0], logits_b])
         real_labels = torch.cat([self.labels_a, self.labels_b])
-        self.heldout_class_acc = per_class(pred == real_labels, real_labels)
+        self.heldout_class_acc = per_class(logits.argmax(1) == real_labels, real_labels)
+        self.heldout_confident = confident_share(logits)
 
     @staticmethod
     def cache_key(dataset_path, recipe):
@@ -217,13 +224,14 @@ class Evaluator:
             raise UserError(f"samples must be uint8 {tuple(self.real_b.shape[1:])} images like the dataset's at "
                             f"this --image-size/--channels, got {images.dtype} {tuple(images.shape[1:])}")
         logits, feats = self.features(images)
-        confidence, pred = logits.softmax(1).max(1)
+        pred = logits.argmax(1)
         k = min(len(images), len(self.real_a))  # the floor can only use as many real images as A holds
         # samples usually come label by label: FD's k must be drawn from all of them, not be the first k
         pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:k]
         out = {"n": len(images), "fd_n": k, "fd": frechet_distance(feats[pick], self.feat_b),
                "fd_floor": frechet_distance(self.features(self.real_a[:k])[1], self.feat_b),
-               "classifier_acc": self.heldout_acc, "confident": float((confidence >= 0.9).float().mean()),
+               "classifier_acc": self.heldout_acc, "confident": confident_share(logits),
+               "classifier_confident": self.heldout_confident,
                "histogram": torch.bincount(pred, minlength=len(self.classes)).tolist()}
         if labels is not None:
             labels = torch.as_tensor(labels)

@@ -87,6 +87,10 @@ def test_evaluator_trains_caches_and_scores(tmp_path):
     assert r["class_acc"] == {0: ev.accuracy(ev.real_a[ev.labels_a == 0], ev.labels_a[ev.labels_a == 0]),
                               1: ev.accuracy(ev.real_a[ev.labels_a == 1], ev.labels_a[ev.labels_a == 1])}
     assert set(ev.heldout_class_acc) == {0, 1} and min(ev.heldout_class_acc.values()) > 0.8
+    assert r["classifier_confident"] == ev.heldout_confident and 0 <= r["confident"] <= 1
+    from quality import confident_share
+
+    assert confident_share(torch.tensor([[5.0, 0.0], [0.1, 0.0], [0.0, 3.0]])) == pytest.approx(2 / 3)
     # wrong labels, one class only and pure noise all score worse
     bad = ev.evaluate(ev.real_a, 1 - ev.labels_a)
     assert bad["label_acc"] < 0.1
@@ -109,6 +113,7 @@ def test_evaluate_cli_on_a_sample_folder(tmp_path, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "label accuracy: 1.000" in out and "in-domain FD" in out
     assert "per class (the judge on real held-out images): 0:1.00 (" in out
+    assert "confident (the judge's top class at >= 0.9): " in out and "(real held-out images: " in out
     assert "FID (Inception): not computed" in out
     with pytest.raises(SystemExit) as e:
         evaluate.main(["--samples", str(tmp_path / "none"), "--dataset-path", data])
