@@ -19,10 +19,10 @@ import time
 import torch
 
 import train
-from config import check_cfg_min_sigma, preset_config, validate
+from config import preset_config, validate
 from hardware import pick_device
 from quality import Evaluator
-from sampling import load_for_sampling
+from sampling import load_for_sampling, resolve_guidance
 from utils import UserError, option_adder
 
 # (sampler, steps, eta): fast ones first
@@ -70,15 +70,13 @@ def main(argv=None):
         ckpt, model, config, diffusion = load_for_sampling(a.ckpt or default_checkpoint(a.seed), device)
         if not config.conditional:
             raise UserError(f"--ckpt {ckpt}: the benchmark needs a conditional checkpoint")
-        cfg_min_sigma = config.cfg_min_sigma if a.cfg_min_sigma is None else a.cfg_min_sigma
-        check_cfg_min_sigma(cfg_min_sigma)
+        resolve_guidance(a, config)
         ev = Evaluator(a.dataset_path or config.dataset_path, config.image_size, config.channels, device,
                        log=lambda s: print(s, file=sys.stderr))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    cfg_scale = config.cfg_scale if a.cfg_scale is None else a.cfg_scale
-    lines = table_head(a, command, ckpt, config, cfg_scale, cfg_min_sigma, ev, device)
+    lines = table_head(a, command, ckpt, config, ev, device)
     print("\n".join(lines), flush=True)
     labels = torch.arange(a.n) % config.num_classes
     shape = (a.n, config.channels, config.image_size, config.image_size)
@@ -89,7 +87,7 @@ def main(argv=None):
     for sampler, steps, eta, n in todo:
         t0 = time.perf_counter()
         images = torch.cat([diffusion.sample(model, min(n, i + a.batch_size) - i, labels[i:i + a.batch_size],
-                                             cfg_scale=cfg_scale, cfg_min_sigma=cfg_min_sigma, sampler=sampler,
+                                             cfg_scale=a.cfg_scale, cfg_min_sigma=a.cfg_min_sigma, sampler=sampler,
                                              steps=steps, eta=eta,
                                              generator=torch.Generator().manual_seed(a.seed + 1 + i),
                                              noise=x_T[i:min(n, i + a.batch_size)],
@@ -107,14 +105,14 @@ def main(argv=None):
     print(f"\nwrote {a.out}", file=sys.stderr)
 
 
-def table_head(a, command, ckpt, config, cfg_scale, cfg_min_sigma, ev, device):
+def table_head(a, command, ckpt, config, ev, device):
     small = a.n_ddpm or min(a.n, 100)
     floor_n, floor_small = ev.evaluate(ev.real_a[:a.n]), ev.evaluate(ev.real_a[:small])
     return [
         f"`{command}`", "",
         f"checkpoint {ckpt} ({config.base_width} base width, {config.image_size}x{config.image_size}, "
-        f"{config.num_classes} classes, predicts {config.prediction}), CFG scale {cfg_scale} "
-        f"where sigma_t > {cfg_min_sigma}, {device}, "
+        f"{config.num_classes} classes, predicts {config.prediction}), CFG scale {a.cfg_scale} "
+        f"where sigma_t > {a.cfg_min_sigma}, {device}, "
         f"{torch.get_num_threads()} threads. FD: in-domain Frechet distance (quality.py) against "
         f"{len(ev.real_b)} held-out real images; NFE: network evaluations per image (with CFG each is one pass "
         "over the doubled batch).", "",

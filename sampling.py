@@ -57,6 +57,11 @@ def resolve_sampling(a, config):
     if a.eta is not None and a.eta < 0:
         raise UserError(f"--eta must be >= 0, got {a.eta}")
     a.eta = config.eta if a.eta is None else a.eta
+    resolve_guidance(a, config)
+
+
+def resolve_guidance(a, config):
+    """Fill a's unset guidance scale and cut-off from the run's config, and check them."""
     a.cfg_scale = config.cfg_scale if a.cfg_scale is None else a.cfg_scale
     a.cfg_min_sigma = config.cfg_min_sigma if a.cfg_min_sigma is None else a.cfg_min_sigma
     check_cfg_min_sigma(a.cfg_min_sigma)
