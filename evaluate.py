@@ -17,7 +17,7 @@ from PIL import Image
 
 from hardware import autocast_dtype, pick_device
 from quality import FID_WEIGHTS_NAME, Evaluator, fid, inception_extractor
-from sampling import add_sampling_options, generate, labels_for, load_for_sampling, resolve_sampling
+from sampling import add_sampling_options, generate, labels_for, load_for_sampling, resolve_sampling, with_guide
 from utils import IMAGE_EXTENSIONS, UserError, option_adder
 
 
@@ -76,6 +76,7 @@ def samples_from_checkpoint(a, device):
     ckpt, model, config, diffusion = load_for_sampling(a.ckpt, device, image_size=a.image_size)
     labels = labels_for(config, a.labels, ckpt)
     resolve_sampling(a, config)
+    model = with_guide(a, model, config, device)
     images, ys = generate(model, diffusion, a.n, labels, a.cfg_scale, a.sampler, a.steps, a.eta, a.seed,
                           amp_dtype=autocast_dtype(device, a.amp), cfg_min_sigma=a.cfg_min_sigma)
     return images, ys, config.channels, config.dataset_path
@@ -86,6 +87,8 @@ def main(argv=None):
     try:
         if (a.samples is None) == (a.ckpt is None):
             raise UserError("pass either --samples DIR or --ckpt PATH")
+        if a.samples is not None and (a.guide or a.guide_scale is not None):
+            raise UserError("--guide samples from --ckpt: a --samples folder is already sampled")
         if a.inception_weights is not None:
             inception = inception_extractor(a.inception_weights)  # fail early, before any sampling
         device = pick_device(a.device)

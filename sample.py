@@ -18,7 +18,7 @@ import sys
 from PIL import Image
 
 from hardware import autocast_dtype, pick_device
-from sampling import add_sampling_options, generate, labels_for, load_for_sampling, resolve_sampling
+from sampling import add_sampling_options, generate, labels_for, load_for_sampling, resolve_sampling, with_guide
 from utils import UserError, option_adder, save_images
 
 def check_out(out):
@@ -77,6 +77,7 @@ def resolve(a):
     a.image_size, a.noise_steps = config.image_size, config.noise_steps
     resolve_sampling(a, config)
     labels = labels_for(config, a.labels, ckpt)
+    model = with_guide(a, model, config, device)
     as_dir = check_out(a.out)
     return ckpt, model, config, labels, diffusion, as_dir
 
@@ -94,7 +95,8 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     what = f"labels {','.join(map(str, labels))}" if labels is not None else "unconditional"
-    print(f"wrote {len(images)} images ({what}, {a.sampler} {a.steps} steps) to {a.out}")
+    guided = f", autoguidance {a.guide_scale} by {a.guide}" if a.guide else ""
+    print(f"wrote {len(images)} images ({what}, {a.sampler} {a.steps} steps{guided}) to {a.out}")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ import dataclasses
 import re
 
 import torch
+from torch import nn
 
 from checkpoints import load_model, resolve_ckpt
 from config import check_cfg_min_sigma
@@ -37,6 +38,10 @@ def add_sampling_options(opt):
     opt("--cfg-scale", type=float, help="classifier-free guidance scale, 0: none (default: the run's)")
     opt("--cfg-min-sigma", type=float, help="guide only at noise levels sigma_t above this (1: t >= 259), 0: at "
                                             "every step (default: the run's)")
+    opt("--guide", help="autoguidance: a smaller, shorter-trained run of the same data (checkpoint or run folder) "
+                        "whose errors the samples are steered away from (docs/sampling.md)")
+    opt("--guide-scale", type=float, help="with --guide: torch.lerp(guide, model, scale), 1: no effect "
+                                          "(default: 1.5)")
     opt("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     opt("--amp", action=argparse.BooleanOptionalAction, default=True,
         help="bf16 autocast on CUDA and AMX CPUs (fp16 on CUDA without bf16); --no-amp: fp32")
@@ -65,6 +70,38 @@ def resolve_guidance(a, config):
     a.cfg_scale = config.cfg_scale if a.cfg_scale is None else a.cfg_scale
     a.cfg_min_sigma = config.cfg_min_sigma if a.cfg_min_sigma is None else a.cfg_min_sigma
     check_cfg_min_sigma(a.cfg_min_sigma)
+
+
+class Autoguided(nn.Module):
+    """Autoguidance (Karras et al. 2024, "Guiding a Diffusion Model with a Bad Version of Itself"): the
+    model's output extrapolated away from a weaker model's, torch.lerp(guide, model, scale), as classifier-free
+    guidance does from the unconditional prediction; it needs no labels, so it also guides unconditional
+    models. Both see the same inputs (labels included), so CFG still works on top."""
+
+    def __init__(self, model, guide, scale):
+        super().__init__()
+        self.model, self.guide, self.scale = model, guide, scale
+        self.c_in = model.c_in
+
+    def forward(self, x, t, *labels):
+        return torch.lerp(self.guide(x, t, *labels).float(), self.model(x, t, *labels).float(), self.scale)
+
+
+def with_guide(a, model, config, device):
+    """The model, wrapped in Autoguided when a.guide names a guide run; checks that the two fit together."""
+    if a.guide is None:
+        if a.guide_scale is not None:
+            raise UserError("--guide-scale needs --guide RUN: the weaker model to guide with")
+        return model
+    a.guide_scale = 1.5 if a.guide_scale is None else a.guide_scale
+    _, guide, guide_config, _ = load_for_sampling(a.guide, device, image_size=config.image_size)
+    must_match = ("conditional", "channels", "num_classes", "noise_steps", "beta_start", "beta_end", "prediction")
+    differ = [f"{k} {getattr(guide_config, k)} (the model's: {getattr(config, k)})" for k in must_match
+              if getattr(guide_config, k) != getattr(config, k) and (k != "num_classes" or config.conditional)]
+    if differ:
+        raise UserError(f"--guide {a.guide}: it must be the same kind of model, trained on the same data; its "
+                        + ", ".join(differ))
+    return Autoguided(model, guide, a.guide_scale)
 
 
 def parse_labels(text, num_classes):

@@ -115,7 +115,7 @@ def test_amp_flag_sets_the_networks_precision(tmp_path, capsys, monkeypatch):
 
 
 @pytest.mark.parametrize("case", ["missing", "label_range", "uncond_labels", "size", "unwritable", "bad_labels",
-                                  "ddpm_steps", "cfg_min_sigma"])
+                                  "ddpm_steps", "cfg_min_sigma", "guide_kind", "guide_scale_alone"])
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys, case):
     cond = make_run(tmp_path / "cond")
     uncond = make_run(tmp_path / "uncond", conditional=False)
@@ -131,6 +131,8 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys, ca
         "bad_labels": ["--ckpt", cond, "--labels", "one"],
         "ddpm_steps": ["--ckpt", cond, "--sampler", "ddpm", "--steps", "5"],
         "cfg_min_sigma": ["--ckpt", cond, "--cfg-min-sigma", "-1"],
+        "guide_kind": ["--ckpt", cond, "--guide", uncond],
+        "guide_scale_alone": ["--ckpt", cond, "--guide-scale", "2"],
     }[case]
     before = sorted(os.listdir(tmp_path))
     code, stdout, stderr = run(argv + (["--out", out] if "--out" not in argv else []), capsys)
@@ -138,6 +140,23 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys, ca
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ")
     assert sorted(os.listdir(tmp_path)) == before and stdout == ""
+
+
+def test_autoguidance_steers_away_from_the_guide(tmp_path, capsys):
+    ckpt = make_run(tmp_path / "run", conditional=False)
+    torch.manual_seed(1)  # a guide with other weights than the model's
+    guide = UNet(1, 1, base_width=8)
+    torch.save(guide.state_dict(), tmp_path / "guide.pt")
+    save_config(RunConfig(image_size=8, channels=1, base_width=8, noise_steps=20), str(tmp_path))
+    grids = {}
+    for name, extra in {"plain": [], "scale 1": ["--guide-scale", "1"], "scale 3": ["--guide-scale", "3"]}.items():
+        out = tmp_path / f"{len(grids)}.png"
+        code, stdout, _ = run(["--ckpt", ckpt, "--n", "4", "--steps", "3", "--seed", "0", "--out", str(out),
+                               *(["--guide", str(tmp_path / "guide.pt")] if extra else []), *extra], capsys)
+        assert code == 0 and ("steps, autoguidance" in stdout) == bool(extra)
+        grids[name] = np.asarray(Image.open(out))
+    assert np.abs(grids["plain"].astype(int) - grids["scale 1"]).max() <= 1  # lerp at 1: the model alone
+    assert np.abs(grids["plain"].astype(int) - grids["scale 3"]).mean() > 5
 
 
 def test_script_runs_as_a_program(tmp_path):

@@ -192,3 +192,20 @@ def test_guidance_interval_guides_only_above_cfg_min_sigma():
     # on the original's 1000-step schedule sigma_t passes 1 between t = 258 and 259, as the docs say
     full = Diffusion(img_size=8, device="cpu")
     assert int((((1 - full.alpha_hat) / full.alpha_hat).sqrt() > 1).nonzero()[0]) == 259
+
+
+@pytest.mark.parametrize("conditional", [False, True])
+def test_autoguided_output_extrapolates_from_the_guide(conditional):
+    from sampling import Autoguided
+
+    def net(seed):
+        torch.manual_seed(seed)
+        return (UNet_conditional(1, 1, num_classes=3, base_width=8) if conditional else UNet(1, 1, base_width=8)).eval()
+
+    model, guide = net(0), net(1)
+    x, t = torch.randn(4, 1, 8, 8), torch.tensor([5, 50, 500, 900])
+    labels = (torch.tensor([0, 1, 2, -1]),) if conditional else ()
+    with torch.no_grad():
+        m, g = model(x, t, *labels), guide(x, t, *labels)
+        assert torch.allclose(Autoguided(model, guide, 1.0)(x, t, *labels), m)
+        assert torch.allclose(Autoguided(model, guide, 2.5)(x, t, *labels), g + 2.5 * (m - g), atol=1e-5)
