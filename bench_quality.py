@@ -31,7 +31,7 @@ from checkpoints import load_checkpoint, load_config
 from config import SECTIONS, check_cfg_min_sigma, preset_config, validate
 from hardware import autocast_dtype, pick_device
 from quality import Evaluator
-from sampling import generate, load_for_sampling
+from sampling import generate, load_for_sampling, with_guide
 from utils import UserError, get_data, option_adder, prepare_mnist
 
 # What each recipe changes from its preset ("default" is the default preset as it is). The ablation takes one
@@ -47,6 +47,7 @@ RECIPES = {
     "adam-beta2-0.999": ("default", dict(adam_beta2=0.999)),
     # half the default's width: trained for 468 steps, the autoguidance guide of docs/sampling.md
     "width-8": ("default", dict(base_width=8)),
+    "no-guide": ("default", dict(guide_at=0.0)),  # unconditional: without its autoguidance
     # the default before, and changes to it measured and not adopted (docs/quality.md): a higher peak rate, a
     # higher min-SNR gamma, a wider network; with uniform timesteps too, twice the steps, a higher rate, a
     # wider network, more label dropout, a lower min-SNR gamma and a slower EMA
@@ -150,7 +151,8 @@ def score(config, ev, n, device, cfg_scale=None, cfg_min_sigma=None):
     """The judge's figures for the run's EMA weights (a dict, see quality.Evaluator.evaluate), sampled with
     the recipe's grid settings (a run saved before a sampling default changed is scored with today's),
     unless a guidance scale or cfg_min_sigma is given."""
-    _, model, _, diffusion = load_for_sampling(os.path.join("models", config.run_name), device)
+    path, model, _, diffusion = load_for_sampling(os.path.join("models", config.run_name), device)
+    model, _ = with_guide(model, config, path, device)  # the run's own autoguidance, as sample.py's
     labels = list(range(config.num_classes)) if config.conditional else None
     images, ys = generate(model, diffusion, n if config.conditional else 10 * n, labels,
                           config.cfg_scale if cfg_scale is None else cfg_scale, config.sampler,

@@ -17,7 +17,8 @@ from config import LEGACY, PRESETS, RunConfig
 from modules import unwrap
 from utils import UserError
 
-RUN_FILES = ("ckpt.pt", "ema_ckpt.pt", "optim.pt", "state.pt", "config.json")
+GUIDE_FILE = "guide_ckpt.pt"  # the run's autoguidance guide (config.guide_at), a plain state_dict
+RUN_FILES = ("ckpt.pt", "ema_ckpt.pt", "optim.pt", "state.pt", "config.json", GUIDE_FILE)
 
 
 def atomic_save(obj, path):

@@ -42,6 +42,7 @@ class RunConfig:
     ema: bool = True
     ema_beta: float = 0.99
     ema_start: int = 0  # steps of hard copy before the averaging starts
+    guide_at: float = 0.25  # also save the EMA weights after this share of the epochs as guide_ckpt.pt (0: not)
     label_dropout: float = 0.1
     label_dropout_mode: str = "sample"
     seed: int = None
@@ -54,6 +55,7 @@ class RunConfig:
     eta: float = 1.0
     cfg_scale: float = 1.5
     cfg_min_sigma: float = 1.0  # guidance only where sigma_t > this, t >= 259 (0: at every step, as the original)
+    guide_scale: float = 2.0  # autoguidance by guide_ckpt.pt, where the run has one (1: off; sampling.with_guide)
     # the run and this machine
     run_name: str = None
     preset: str = "default"
@@ -90,10 +92,10 @@ SECTIONS = {
     "diffusion": ("noise_steps", "beta_start", "beta_end", "prediction"),
     "data": ("image_size", "dataset_path", "crop"),
     "training": ("epochs", "batch_size", "lr", "adam_beta2", "warmup_steps", "lr_schedule", "lr_floor", "grad_clip",
-                 "min_snr_gamma", "timesteps", "ema", "ema_beta", "ema_start",
+                 "min_snr_gamma", "timesteps", "ema", "ema_beta", "ema_start", "guide_at",
                  "label_dropout", "label_dropout_mode", "seed", "data_seed"),
     "sample_grids": ("sample_interval", "n_samples", "sampler", "sample_steps", "eta", "cfg_scale",
-                     "cfg_min_sigma"),
+                     "cfg_min_sigma", "guide_scale"),
     "run": ("run_name", "preset", "device", "num_workers", "compile", "amp"),
 }
 # what fixes the network, the diffusion and the data's shape: a resumed run keeps its own
@@ -108,16 +110,21 @@ PRESETS = {
                      min_snr_gamma=0.0, timesteps="uniform", ema=False, ema_beta=0.995, ema_start=2000,
                      label_dropout_mode="batch",
                      sample_interval=1, n_samples=12, sampler="ddpm", sample_steps=999, cfg_scale=3.0,
-                     cfg_min_sigma=0.0),
+                     cfg_min_sigma=0.0, guide_at=0.0),
 }
-CONDITIONAL_PRESETS = {  # ddpm_conditional.py's own differences
-    "default": dict(n_samples=80),
+CONDITIONAL_PRESETS = {  # ddpm_conditional.py's own differences; CFG guides them (docs/sampling.md)
+    "default": dict(n_samples=80, guide_at=0.0),
     "original": dict(batch_size=14, epochs=300, sample_interval=10, n_samples=10, ema=True),
 }
 # settings added to config.json later, and what a run saved without them trained with
-ADDED_LATER = dict(timesteps="uniform", cfg_min_sigma=0.0, adam_beta2=0.999)
+ADDED_LATER = dict(timesteps="uniform", cfg_min_sigma=0.0, adam_beta2=0.999, guide_at=0.0, guide_scale=1.0)
 # what a run of an earlier version (its state.pt "args", no config.json) trained with, where its args are silent
 LEGACY = dict(crop="random", prediction="eps", warmup_steps=0, lr_floor=0.0, grad_clip=0.0, **ADDED_LATER)
+
+
+def guide_epoch(c):
+    """After which epoch the run saves its EMA weights as the autoguidance guide (None: it does not)."""
+    return max(1, round(c.epochs * c.guide_at)) if c.guide_at else None
 
 
 def preset_config(preset, conditional):
@@ -140,6 +147,9 @@ def validate(c):
         raise UserError(f"--lr must be positive, got {c.lr}")
     if not 0 <= c.adam_beta2 < 1:
         raise UserError(f"--adam-beta2 must lie in [0, 1), got {c.adam_beta2}")
+    if not 0 <= c.guide_at < 1 or c.guide_scale <= 0:
+        raise UserError(f"--guide-at must lie in [0, 1) (a share of the epochs; 0: no guide) and --guide-scale be "
+                        f"positive (1: no autoguidance), got {c.guide_at} and {c.guide_scale}")
     for name in ("warmup_steps", "grad_clip", "ema_start"):
         if getattr(c, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(c, name)}")

@@ -76,7 +76,9 @@ def samples_from_checkpoint(a, device):
     ckpt, model, config, diffusion = load_for_sampling(a.ckpt, device, image_size=a.image_size)
     labels = labels_for(config, a.labels, ckpt)
     resolve_sampling(a, config)
-    model = with_guide(a, model, config, device)
+    model, guided = with_guide(model, config, ckpt, device, a.guide, a.guide_scale)
+    if guided:
+        print(f"sampling with {guided}", file=sys.stderr)
     images, ys = generate(model, diffusion, a.n, labels, a.cfg_scale, a.sampler, a.steps, a.eta, a.seed,
                           amp_dtype=autocast_dtype(device, a.amp), cfg_min_sigma=a.cfg_min_sigma)
     return images, ys, config.channels, config.dataset_path

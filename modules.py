@@ -258,6 +258,21 @@ class UNet_conditional(UNet):
         return self.unet_forward(x, t)
 
 
+class Autoguided(nn.Module):
+    """Autoguidance (Karras et al. 2024, "Guiding a Diffusion Model with a Bad Version of Itself"): the
+    model's output extrapolated away from a weaker model's, torch.lerp(guide, model, scale), as classifier-free
+    guidance does from the unconditional prediction; it needs no labels, so it also guides unconditional
+    models. Both see the same inputs (labels included), so CFG still works on top."""
+
+    def __init__(self, model, guide, scale):
+        super().__init__()
+        self.model, self.guide, self.scale = model, guide, scale
+        self.c_in = model.c_in
+
+    def forward(self, x, t, *labels):
+        return torch.lerp(self.guide(x, t, *labels).float(), self.model(x, t, *labels).float(), self.scale)
+
+
 def unwrap(model):
     """The plain network behind DDP (`.module`) and torch.compile (`._orig_mod`) wrappers."""
     while hasattr(model, "module") or hasattr(model, "_orig_mod"):

@@ -21,6 +21,8 @@ def add_grid_options(opt, conditional):
         opt("--cfg-scale", type=float, help="classifier-free guidance scale for the grids")
         opt("--cfg-min-sigma", type=float, help="guide the grids only at noise levels sigma_t above this (1: "
                                                  "t >= 259); 0: at every step")
+    opt("--guide-scale", type=float, help="autoguidance scale for the grids, sample.py and evaluate.py once the "
+                                          "run has its guide (--guide-at); 1: off")
 
 
 def parse_args(conditional, argv=None):
@@ -62,6 +64,8 @@ def parse_args(conditional, argv=None):
     add_grid_options(opt, conditional)
     opt("--ema-beta", type=float, help="EMA decay")
     opt("--ema-start", type=int, help="steps of hard copy before the EMA starts averaging")
+    opt("--guide-at", type=float, help="save the EMA weights after this share of the epochs as guide_ckpt.pt, "
+                                       "the run's autoguidance guide (docs/sampling.md); 0: none")
     opt("--resume", action="store_true", help="continue the run named --run-name from its last save")
     opt("--overwrite", action="store_true", help="replace an existing run of the same name")
     opt("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the network")

@@ -77,7 +77,7 @@ def resolve(a):
     a.image_size, a.noise_steps = config.image_size, config.noise_steps
     resolve_sampling(a, config)
     labels = labels_for(config, a.labels, ckpt)
-    model = with_guide(a, model, config, device)
+    model, a.guided = with_guide(model, config, ckpt, device, a.guide, a.guide_scale)
     as_dir = check_out(a.out)
     return ckpt, model, config, labels, diffusion, as_dir
 
@@ -95,7 +95,7 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     what = f"labels {','.join(map(str, labels))}" if labels is not None else "unconditional"
-    guided = f", autoguidance {a.guide_scale} by {a.guide}" if a.guide else ""
+    guided = f", {a.guided}" if a.guided else ""
     print(f"wrote {len(images)} images ({what}, {a.sampler} {a.steps} steps{guided}) to {a.out}")
 
 

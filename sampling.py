@@ -2,15 +2,16 @@
 images generated in batches (sample.py, evaluate.py and the benchmarks call these)."""
 import argparse
 import dataclasses
+import os
 import re
 
 import torch
-from torch import nn
 
-from checkpoints import load_model, resolve_ckpt
+from checkpoints import GUIDE_FILE, load_model, resolve_ckpt
 from config import check_cfg_min_sigma
 from diffusion import SAMPLERS
 from hardware import autocast
+from modules import Autoguided
 from utils import UserError
 
 
@@ -38,10 +39,10 @@ def add_sampling_options(opt):
     opt("--cfg-scale", type=float, help="classifier-free guidance scale, 0: none (default: the run's)")
     opt("--cfg-min-sigma", type=float, help="guide only at noise levels sigma_t above this (1: t >= 259), 0: at "
                                             "every step (default: the run's)")
-    opt("--guide", help="autoguidance: a smaller, shorter-trained run of the same data (checkpoint or run folder) "
-                        "whose errors the samples are steered away from (docs/sampling.md)")
-    opt("--guide-scale", type=float, help="with --guide: torch.lerp(guide, model, scale), 1: no effect "
-                                          "(default: 1.5)")
+    opt("--guide", help="autoguidance by this weaker model of the same kind, a checkpoint or run folder "
+                        "(default: the run's own guide_ckpt.pt, where it has one; docs/sampling.md)")
+    opt("--guide-scale", type=float, help="autoguidance: torch.lerp(guide, model, scale), 1: off (default: the "
+                                          "run's guide_scale with its own guide, 1.5 with --guide)")
     opt("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     opt("--amp", action=argparse.BooleanOptionalAction, default=True,
         help="bf16 autocast on CUDA and AMX CPUs (fp16 on CUDA without bf16); --no-amp: fp32")
@@ -72,36 +73,31 @@ def resolve_guidance(a, config):
     check_cfg_min_sigma(a.cfg_min_sigma)
 
 
-class Autoguided(nn.Module):
-    """Autoguidance (Karras et al. 2024, "Guiding a Diffusion Model with a Bad Version of Itself"): the
-    model's output extrapolated away from a weaker model's, torch.lerp(guide, model, scale), as classifier-free
-    guidance does from the unconditional prediction; it needs no labels, so it also guides unconditional
-    models. Both see the same inputs (labels included), so CFG still works on top."""
-
-    def __init__(self, model, guide, scale):
-        super().__init__()
-        self.model, self.guide, self.scale = model, guide, scale
-        self.c_in = model.c_in
-
-    def forward(self, x, t, *labels):
-        return torch.lerp(self.guide(x, t, *labels).float(), self.model(x, t, *labels).float(), self.scale)
-
-
-def with_guide(a, model, config, device):
-    """The model, wrapped in Autoguided when a.guide names a guide run; checks that the two fit together."""
-    if a.guide is None:
-        if a.guide_scale is not None:
-            raise UserError("--guide-scale needs --guide RUN: the weaker model to guide with")
-        return model
-    a.guide_scale = 1.5 if a.guide_scale is None else a.guide_scale
-    _, guide, guide_config, _ = load_for_sampling(a.guide, device, image_size=config.image_size)
+def with_guide(model, config, ckpt, device, guide=None, scale=None):
+    """(the network to sample with, a note of its autoguidance or None): `model` wrapped in Autoguided by
+    `guide` (a checkpoint or run folder) or, without one, by the run's own guide_ckpt.pt where it has one, at
+    `scale` (default: the run's guide_scale; 1: the model alone). Checks that the two fit together."""
+    if scale is not None and scale <= 0:
+        raise UserError(f"--guide-scale must be positive (1: no autoguidance), got {scale}")
+    if guide is None:
+        guide = os.path.join(os.path.dirname(ckpt), GUIDE_FILE)
+        if not os.path.isfile(guide):
+            if scale not in (None, 1):
+                raise UserError(f"--guide-scale {scale}: {ckpt} has no {GUIDE_FILE} beside it: pass --guide RUN, "
+                                "the weaker model to guide with")
+            return model, None
+        scale = config.guide_scale if scale is None else scale
+    scale = 1.5 if scale is None else scale
+    if scale == 1:
+        return model, None
+    guide_path, guide_model, guide_config, _ = load_for_sampling(guide, device, image_size=config.image_size)
     must_match = ("conditional", "channels", "num_classes", "noise_steps", "beta_start", "beta_end", "prediction")
     differ = [f"{k} {getattr(guide_config, k)} (the model's: {getattr(config, k)})" for k in must_match
               if getattr(guide_config, k) != getattr(config, k) and (k != "num_classes" or config.conditional)]
     if differ:
-        raise UserError(f"--guide {a.guide}: it must be the same kind of model, trained on the same data; its "
+        raise UserError(f"--guide {guide}: it must be the same kind of model, trained on the same data; its "
                         + ", ".join(differ))
-    return Autoguided(model, guide, a.guide_scale)
+    return Autoguided(model, guide_model, scale), f"autoguidance {scale} by {guide_path}"
 
 
 def parse_labels(text, num_classes):

@@ -20,10 +20,12 @@ import torch.distributed as dist
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from checkpoints import RUN_FILES, load_run, match_state_layout, rng_state, save_run, set_rng_state
+from checkpoints import (GUIDE_FILE, RUN_FILES, atomic_save, cpu_state_dict, load_checkpoint, load_run,
+                         load_weights, match_state_layout, rng_state, save_run, set_rng_state)
+from config import guide_epoch
 from options import parse_args, resolve_args
 from hardware import autocast, autocast_dtype, fast_memory_format, precision_name, setup_distributed
-from modules import EMA
+from modules import EMA, Autoguided
 from utils import UserError, get_data, prepare_mnist, save_images, setup_logging
 
 
@@ -47,6 +49,7 @@ class Run:
     memory_format: torch.memory_format
     steps_per_epoch: int
     global_step: int = 0
+    guide_model: torch.nn.Module = None  # the EMA weights saved at guide_epoch: autoguidance for the grids
 
 
 def build_run(c, rank, world, device, steps_per_epoch):
@@ -150,6 +153,8 @@ def sample_grid(run, model):
     c = run.config
     g = torch.Generator().manual_seed(0 if c.seed is None else c.seed)
     labels = torch.arange(c.n_samples) % c.num_classes if c.conditional else None
+    if run.guide_model is not None and c.guide_scale != 1:
+        model = Autoguided(model, run.guide_model, c.guide_scale)
     with autocast(run.device, run.amp_dtype):
         return run.diffusion.sample(model, c.n_samples, labels, cfg_scale=c.cfg_scale, sampler=c.sampler,
                                     steps=c.sample_steps, eta=c.eta, generator=g, cfg_min_sigma=c.cfg_min_sigma)
@@ -184,6 +189,9 @@ def resume(run):
     if state["rng"] is not None and run.world == 1:
         set_rng_state(state["rng"])
     run.global_step = state["global_step"]
+    guide_path = os.path.join("models", run.config.run_name, GUIDE_FILE)
+    if os.path.isfile(guide_path):
+        run.guide_model = load_weights(copy.deepcopy(run.model), load_checkpoint(guide_path), guide_path).eval()
     return state["epoch"], state["step_in_epoch"]
 
 
@@ -308,6 +316,9 @@ def end_epoch(run, epoch, stopped_at, logger):
         if stopped_at is None and (epoch % c.sample_interval == 0 or epoch == c.epochs - 1):
             save_grids(run, epoch, logger)
         save(run, epoch + 1 if stopped_at is None else epoch, stopped_at or 0)
+        if stopped_at is None and epoch + 1 == guide_epoch(c):  # a weaker model of the same kind to guide with
+            run.guide_model = copy.deepcopy(run.ema_model or run.model).eval().requires_grad_(False)
+            atomic_save(cpu_state_dict(run.guide_model), os.path.join("models", c.run_name, GUIDE_FILE))
     if run.world > 1:
         dist.barrier()
 

@@ -142,21 +142,30 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys, ca
     assert sorted(os.listdir(tmp_path)) == before and stdout == ""
 
 
-def test_autoguidance_steers_away_from_the_guide(tmp_path, capsys):
+def test_autoguidance_steers_away_from_the_guide_the_runs_own_by_default(tmp_path, capsys):
     ckpt = make_run(tmp_path / "run", conditional=False)
     torch.manual_seed(1)  # a guide with other weights than the model's
     guide = UNet(1, 1, base_width=8)
     torch.save(guide.state_dict(), tmp_path / "guide.pt")
     save_config(RunConfig(image_size=8, channels=1, base_width=8, noise_steps=20), str(tmp_path))
     grids = {}
-    for name, extra in {"plain": [], "scale 1": ["--guide-scale", "1"], "scale 3": ["--guide-scale", "3"]}.items():
+    for name, extra in {"plain": [], "scale 1": ["--guide", str(tmp_path / "guide.pt"), "--guide-scale", "1"],
+                        "scale 3": ["--guide", str(tmp_path / "guide.pt"), "--guide-scale", "3"],
+                        "own guide": "own", "own guide off": ["--guide-scale", "1"]}.items():
+        if extra == "own":  # the run saved a guide_ckpt.pt: sampling uses it at the run's guide_scale
+            torch.save(guide.state_dict(), tmp_path / "run" / "guide_ckpt.pt")
+            save_config(RunConfig(image_size=8, channels=1, base_width=8, noise_steps=20, guide_scale=3.0),
+                        str(tmp_path / "run"))
+            extra = []
         out = tmp_path / f"{len(grids)}.png"
         code, stdout, _ = run(["--ckpt", ckpt, "--n", "4", "--steps", "3", "--seed", "0", "--out", str(out),
-                               *(["--guide", str(tmp_path / "guide.pt")] if extra else []), *extra], capsys)
-        assert code == 0 and ("steps, autoguidance" in stdout) == bool(extra)
-        grids[name] = np.asarray(Image.open(out))
-    assert np.abs(grids["plain"].astype(int) - grids["scale 1"]).max() <= 1  # lerp at 1: the model alone
-    assert np.abs(grids["plain"].astype(int) - grids["scale 3"]).mean() > 5
+                               *extra], capsys)
+        assert code == 0 and ("steps, autoguidance 3.0 by" in stdout) == (name in ("scale 3", "own guide"))
+        grids[name] = np.asarray(Image.open(out)).astype(int)
+    assert np.abs(grids["plain"] - grids["scale 1"]).max() == 0  # lerp at 1: the model alone
+    assert np.abs(grids["plain"] - grids["scale 3"]).mean() > 5
+    assert np.abs(grids["own guide"] - grids["scale 3"]).max() <= 1
+    assert np.abs(grids["own guide off"] - grids["plain"]).max() == 0
 
 
 def test_script_runs_as_a_program(tmp_path):

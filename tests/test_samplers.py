@@ -196,7 +196,7 @@ def test_guidance_interval_guides_only_above_cfg_min_sigma():
 
 @pytest.mark.parametrize("conditional", [False, True])
 def test_autoguided_output_extrapolates_from_the_guide(conditional):
-    from sampling import Autoguided
+    from modules import Autoguided
 
     def net(seed):
         torch.manual_seed(seed)

@@ -72,11 +72,12 @@ def test_a_config_saved_before_a_setting_existed_loads_as_it_trained():
 
     sections = RunConfig(timesteps="weighted", cfg_min_sigma=1.0, adam_beta2=0.9).to_json()
     del sections["training"]["timesteps"], sections["sample_grids"]["cfg_min_sigma"]
-    del sections["training"]["adam_beta2"]
+    del sections["training"]["adam_beta2"], sections["training"]["guide_at"], sections["sample_grids"]["guide_scale"]
     old = RunConfig.from_json(sections)
     assert old.timesteps == ADDED_LATER["timesteps"] == "uniform"
     assert old.cfg_min_sigma == ADDED_LATER["cfg_min_sigma"] == 0  # its grids were guided at every step
     assert old.adam_beta2 == ADDED_LATER["adam_beta2"] == 0.999  # PyTorch's default, all it could use
+    assert old.guide_at == 0 and old.guide_scale == 1  # it saved no guide
 
 
 def test_loss_falls_on_a_fixed_batch():
@@ -177,6 +178,30 @@ def test_adam_beta2_reaches_the_optimizer_and_a_resume(image_folder, in_tmp):
     assert load_checkpoint("models/b2/optim.pt")["param_groups"][0]["betas"] == (0.9, 0.95)
     train.main(False, [*args, "--epochs", "3", "--resume", "--adam-beta2", "0.99"])  # a new value wins
     assert load_checkpoint("models/b2/optim.pt")["param_groups"][0]["betas"] == (0.9, 0.99)
+
+
+def test_a_run_saves_its_guide_and_later_grids_use_it(image_folder, in_tmp, monkeypatch):
+    import train
+
+    guided = []
+
+    class Spy(train.Autoguided):
+        def __init__(self, model, guide, scale):
+            super().__init__(model, guide, scale)
+            guided.append(scale)
+
+    monkeypatch.setattr(train, "Autoguided", Spy)
+    args = ["--dataset-path", image_folder, "--run-name", "g", "--sample-interval", "1", *TINY]
+    train.main(False, [*args, "--epochs", "4"])  # guide_at 0.25: the EMA after the first of 4 epochs
+    guide, final = load_checkpoint("models/g/guide_ckpt.pt"), load_checkpoint("models/g/ema_ckpt.pt")
+    assert guide.keys() == final.keys() and not all(torch.equal(guide[k], final[k]) for k in guide)
+    assert guided == [2.0] * 6  # epochs 1-3, the model's grid and the EMA's; epoch 0's before the guide
+    train.main(False, [*args, "--epochs", "5", "--resume"])  # a resumed run guides with the saved guide
+    assert guided == [2.0] * 8
+    assert all(torch.equal(guide[k], v) for k, v in load_checkpoint("models/g/guide_ckpt.pt").items())
+    for conditional, name, extra in ((True, "c", []), (False, "none", ["--guide-at", "0"])):
+        train.main(conditional, ["--dataset-path", image_folder, "--run-name", name, "--epochs", "4", *TINY, *extra])
+        assert not os.path.exists(f"models/{name}/guide_ckpt.pt")  # CFG guides conditional runs
 
 
 def test_learning_rate_warms_up_then_decays_to_the_floor():
