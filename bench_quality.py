@@ -36,7 +36,8 @@ from utils import UserError, get_data, option_adder, prepare_mnist
 
 # What each recipe changes from its preset ("default" is the default preset as it is). The ablation takes one
 # part of the default back to what the original or an earlier default had.
-BEFORE = {"batch_size": 64, "adam_beta2": 0.999}  # the default before: 936 steps of 64, PyTorch's AdamW betas
+# the default before: 936 steps of 64, PyTorch's AdamW betas, unconditional runs without autoguidance
+BEFORE = {"batch_size": 64, "adam_beta2": 0.999, "guide_at": 0.0}
 RECIPES = {
     "default": ("default", {}),
     "uniform-t": ("default", dict(timesteps="uniform")),
@@ -63,10 +64,10 @@ RECIPES = {
     "before+uniform-t+min-snr-1": ("default", {**BEFORE, "timesteps": "uniform", "min_snr_gamma": 1.0}),
     "before+uniform-t+ema-0.995": ("default", {**BEFORE, "timesteps": "uniform", "ema_beta": 0.995}),
     # the original's loss (plain MSE on eps, uniform timesteps), data (zooming random crops), constant rate and
-    # AdamW betas, with the default network, batch and EMA
+    # AdamW betas, without autoguidance, with the default network, batch and EMA
     "original": ("default", dict(min_snr_gamma=0.0, timesteps="uniform", crop="random", prediction="eps",
                                  lr=2e-3, warmup_steps=0, lr_schedule="constant", grad_clip=0.0, adam_beta2=0.999,
-                                 ema_beta=0.995, ema_start=500)),
+                                 ema_beta=0.995, ema_start=500, guide_at=0.0)),
 }
 FOLDER = "bench_quality"
 

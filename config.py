@@ -147,9 +147,10 @@ def validate(c):
         raise UserError(f"--lr must be positive, got {c.lr}")
     if not 0 <= c.adam_beta2 < 1:
         raise UserError(f"--adam-beta2 must lie in [0, 1), got {c.adam_beta2}")
-    if not 0 <= c.guide_at < 1 or c.guide_scale <= 0:
-        raise UserError(f"--guide-at must lie in [0, 1) (a share of the epochs; 0: no guide) and --guide-scale be "
-                        f"positive (1: no autoguidance), got {c.guide_at} and {c.guide_scale}")
+    if not 0 <= c.guide_at < 1:
+        raise UserError(f"--guide-at must lie in [0, 1) (a share of the epochs; 0: no guide), got {c.guide_at}")
+    if not c.guide_scale > 0:
+        raise UserError(f"--guide-scale must be positive (1: no autoguidance), got {c.guide_scale}")
     for name in ("warmup_steps", "grad_clip", "ema_start"):
         if getattr(c, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(c, name)}")

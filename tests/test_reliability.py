@@ -133,6 +133,8 @@ def make_bad_folders(root):
     (["--adam-beta2", "1"], "--adam-beta2 must lie in [0, 1)"),
     (["--timesteps", "weighted", "--min-snr-gamma", "0"], "--timesteps weighted draws timesteps by their"),
     (["--cfg-min-sigma", "-1"], "--cfg-min-sigma must be >= 0"),
+    (["--guide-at", "1"], "--guide-at must lie in [0, 1)"),
+    (["--guide-scale", "0"], "--guide-scale must be positive"),
     (["--device", "tpu"], "--device tpu"),
     (["--device", "cuda"], "CUDA is not available"),
     (["--resume", "--run-name", "never"], "nothing to resume in models/never"),
