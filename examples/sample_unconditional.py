@@ -2,8 +2,9 @@
 
     python examples/sample_unconditional.py --ckpt models/DDPM_Unconditional_mnist/ema_ckpt.pt
 
-The defaults fit the default `python ddpm.py` run (16x16 grayscale, width 16). Without a display the row
-is saved under results/plots/ and its path printed.
+The defaults fit the default `python ddpm.py` run (16x16 grayscale, width 16). Where the run saved its
+autoguidance guide (guide_ckpt.pt beside the checkpoint), the samples are guided by it. Without a display the
+row is saved under results/plots/ and its path printed.
 """
 import argparse
 import json
@@ -16,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import hardware  # noqa: E402, F401  (before torch: the OpenMP spin setting)
 import torch  # noqa: E402
 
-from modules import UNet  # noqa: E402
+from modules import Autoguided, UNet  # noqa: E402
 from diffusion import Diffusion  # noqa: E402  (the original's `from ddpm import Diffusion` works too)
 from utils import plot_images  # noqa: E402
 
@@ -41,6 +42,7 @@ def main():
     p.add_argument("--sampler", default="ddim", choices=["ddpm", "ddim", "dpm++"])
     p.add_argument("--steps", type=int, default=50, help="ignored by ddpm, which walks all 999 steps")
     p.add_argument("--prediction", choices=["eps", "v", "x0"], help="default: the run's config.json, else eps")
+    p.add_argument("--guide-scale", type=float, default=2.0, help="autoguidance by guide_ckpt.pt; 1: off")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--title", default="unconditional")
     args = p.parse_args()
@@ -50,6 +52,11 @@ def main():
 
     model = UNet(c_in=args.channels, c_out=args.channels, base_width=args.base_width)
     model.load_state_dict(torch.load(args.ckpt, map_location="cpu", weights_only=True))
+    guide_path = os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "guide_ckpt.pt")
+    if os.path.isfile(guide_path) and args.guide_scale != 1:  # the run's early EMA: steer away from its errors
+        guide = UNet(c_in=args.channels, c_out=args.channels, base_width=args.base_width)
+        guide.load_state_dict(torch.load(guide_path, map_location="cpu", weights_only=True))
+        model = Autoguided(model, guide, args.guide_scale)
     prediction = args.prediction or trained_prediction(args.ckpt)
     diffusion = Diffusion(img_size=args.image_size, device="cpu", prediction=prediction)
     x = diffusion.sample(model, n=args.n, sampler=args.sampler,

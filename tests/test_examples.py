@@ -95,3 +95,23 @@ def test_sampling_examples_take_the_prediction_from_the_runs_config(tmp_path):
         with Image.open(the_plot(out)) as img:
             rows.append(np.asarray(img.convert("L"), dtype=np.int16))
     assert rows[0].shape == rows[1].shape and np.abs(rows[0] - rows[1]).mean() > 1
+
+
+def test_sample_unconditional_is_guided_by_the_runs_guide(tmp_path):
+    import numpy as np
+
+    torch.manual_seed(0)
+    ckpt = tiny_ckpt(tmp_path, UNet(c_in=1, c_out=1, base_width=8))
+    rows = {}
+    for name, extra in (("plain", []), ("guided", []), ("off", ["--guide-scale", "1"])):
+        if name == "guided":  # the run saved its guide beside the checkpoint
+            torch.manual_seed(1)
+            torch.save(UNet(c_in=1, c_out=1, base_width=8).state_dict(), tmp_path / "guide_ckpt.pt")
+        out = tmp_path / name
+        out.mkdir()
+        r = run_example("sample_unconditional.py", ["--ckpt", ckpt, "--n", "2", *FAST, *extra], out)
+        assert r.returncode == 0, r.stderr
+        with Image.open(the_plot(out)) as img:
+            rows[name] = np.asarray(img.convert("L"), dtype=np.int16)
+    assert np.abs(rows["plain"] - rows["guided"]).mean() > 1
+    assert np.array_equal(rows["plain"], rows["off"])
