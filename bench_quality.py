@@ -49,6 +49,9 @@ RECIPES = {
     # half the default's width: trained for 468 steps, the autoguidance guide of docs/sampling.md
     "width-8": ("default", dict(base_width=8)),
     "no-guide": ("default", dict(guide_at=0.0)),  # unconditional: without its autoguidance
+    "width-32": ("default", dict(base_width=32)),  # measured on the unconditional default, not adopted
+    "ema-0.995": ("default", dict(ema_beta=0.995)),
+    "lr-5e-3": ("default", dict(lr=5e-3)),
     # the default before, and changes to it measured and not adopted (docs/quality.md): a higher peak rate, a
     # higher min-SNR gamma, a wider network; with uniform timesteps too, twice the steps, a higher rate, a
     # wider network, more label dropout, a lower min-SNR gamma and a slower EMA

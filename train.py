@@ -317,7 +317,8 @@ def end_epoch(run, epoch, stopped_at, logger):
             save_grids(run, epoch, logger)
         save(run, epoch + 1 if stopped_at is None else epoch, stopped_at or 0)
         if stopped_at is None and epoch + 1 == guide_epoch(c):  # a weaker model of the same kind to guide with
-            run.guide_model = copy.deepcopy(run.ema_model or run.model).eval().requires_grad_(False)
+            weights = run.ema_model if run.ema_model is not None else run.model
+            run.guide_model = copy.deepcopy(weights).eval().requires_grad_(False)
             atomic_save(cpu_state_dict(run.guide_model), os.path.join("models", c.run_name, GUIDE_FILE))
     if run.world > 1:
         dist.barrier()
