@@ -194,6 +194,7 @@ def prepare_mnist(root="data/mnist"):
     parent = os.path.dirname(os.path.abspath(root))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=os.path.basename(root) + ".", dir=parent)
+    os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide the dataset from other users of a shared folder
     for i, (img, label) in enumerate(zip(x, y)):
         d = os.path.join(tmp, str(int(label)))
         os.makedirs(d, exist_ok=True)

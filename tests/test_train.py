@@ -136,8 +136,10 @@ def test_bundled_dataset_is_written_whole_when_two_runs_start_at_once(tmp_path, 
             errors.append(e)
 
     threads = [threading.Thread(target=prepare) for _ in range(2)]
-    [t.start() for t in threads]
-    [t.join() for t in threads]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
     assert not errors and results == [str(root)] * 2
     assert sorted(os.listdir(root)) == [".complete"] + [str(c) for c in range(10)]
     assert sum(len(os.listdir(root / str(c))) for c in range(10)) == 20
