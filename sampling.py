@@ -8,11 +8,15 @@ import re
 import torch
 
 from checkpoints import GUIDE_FILE, load_model, resolve_ckpt
-from config import check_cfg_min_sigma
+from config import SECTIONS, check_cfg_min_sigma
 from diffusion import SAMPLERS
 from hardware import autocast
 from modules import Autoguided
 from utils import UserError
+
+OTHER_GUIDE_SCALE = 1.5  # --guide RUN's default scale: measured best for a separate smaller run (docs/sampling.md)
+# what a guide must share with the model: everything about the network and the diffusion but its size
+GUIDE_MUST_MATCH = tuple(k for k in SECTIONS["network"] + SECTIONS["diffusion"] if k not in ("base_width", "time_dim"))
 
 
 def load_for_sampling(ckpt, device, **overrides):
@@ -42,7 +46,7 @@ def add_sampling_options(opt):
     opt("--guide", help="autoguidance by this weaker model of the same kind, a checkpoint or run folder "
                         "(default: the run's own guide_ckpt.pt, where it has one; docs/sampling.md)")
     opt("--guide-scale", type=float, help="autoguidance: torch.lerp(guide, model, scale), 1: off (default: the "
-                                          "run's guide_scale with its own guide, 1.5 with --guide)")
+                                          f"run's guide_scale with its own guide, {OTHER_GUIDE_SCALE} with --guide)")
     opt("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     opt("--amp", action=argparse.BooleanOptionalAction, default=True,
         help="bf16 autocast on CUDA and AMX CPUs (fp16 on CUDA without bf16); --no-amp: fp32")
@@ -87,12 +91,11 @@ def with_guide(model, config, ckpt, device, guide=None, scale=None):
                                 "the weaker model to guide with")
             return model, None
         scale = config.guide_scale if scale is None else scale
-    scale = 1.5 if scale is None else scale
+    scale = OTHER_GUIDE_SCALE if scale is None else scale
     if scale == 1:
         return model, None
     guide_path, guide_model, guide_config, _ = load_for_sampling(guide, device, image_size=config.image_size)
-    must_match = ("conditional", "channels", "num_classes", "noise_steps", "beta_start", "beta_end", "prediction")
-    differ = [f"{k} {getattr(guide_config, k)} (the model's: {getattr(config, k)})" for k in must_match
+    differ = [f"{k} {getattr(guide_config, k)} (the model's: {getattr(config, k)})" for k in GUIDE_MUST_MATCH
               if getattr(guide_config, k) != getattr(config, k) and (k != "num_classes" or config.conditional)]
     if differ:
         raise UserError(f"--guide {guide}: it must be the same kind of model, trained on the same data; its "
