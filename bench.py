@@ -12,7 +12,8 @@ subprocess, because a process's peak RSS never goes down.
 fast:      what train.py runs: SDPA attention, batched CFG (one pass over 2n images), torch.inference_mode
            for sampling, fused AdamW (4x cheaper on the CPU), and the per-device choices of hardware.py:
            autocast_dtype (bf16 on CUDA and on AMX CPUs) and fast_memory_format (channels_last on CUDA and
-           AVX-512 CPUs); TF32 on CUDA.
+           AVX-512 CPUs); TF32 on CUDA. Eager: with one process on a GPU train.py also replays the step
+           as CUDA graphs (--no-cuda-graphs to compare; docs/speed.md#cuda).
 fast-fp32: the same without autocast (run only where the fast path uses one).
 faithful:  fp32 eager, the original's nn.MultiheadAttention call, two CFG passes, contiguous NCHW, plain AdamW.
 """

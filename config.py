@@ -62,6 +62,7 @@ class RunConfig:
     device: str = "auto"
     num_workers: int = None  # None: 0 on the CPU, 4 on a GPU
     compile: bool = False
+    cuda_graphs: bool = True  # one process on a GPU: replay the network's step as CUDA graphs (train.py)
     amp: bool = True
 
     def make_model(self):
@@ -96,7 +97,7 @@ SECTIONS = {
                  "label_dropout", "label_dropout_mode", "seed", "data_seed"),
     "sample_grids": ("sample_interval", "n_samples", "sampler", "sample_steps", "eta", "cfg_scale",
                      "cfg_min_sigma", "guide_scale"),
-    "run": ("run_name", "preset", "device", "num_workers", "compile", "amp"),
+    "run": ("run_name", "preset", "device", "num_workers", "compile", "cuda_graphs", "amp"),
 }
 # what fixes the network, the diffusion and the data's shape: a resumed run keeps its own
 RUN_DEFINING = SECTIONS["network"] + SECTIONS["diffusion"] + ("image_size",)

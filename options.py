@@ -69,6 +69,9 @@ def parse_args(conditional, argv=None):
     opt("--resume", action="store_true", help="continue the run named --run-name from its last save")
     opt("--overwrite", action="store_true", help="replace an existing run of the same name")
     opt("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the network")
+    opt("--cuda-graphs", action=argparse.BooleanOptionalAction,
+        help="one process on a GPU: capture the network's forward and backward once as CUDA graphs and replay "
+             "them each step (the same arithmetic, without the kernel launches); --no-cuda-graphs: eager")
     opt("--amp", action=argparse.BooleanOptionalAction,
         help="mixed precision where it is faster: bf16 autocast on CUDA (fp16 without bf16) and on CPUs with "
              "AMX; --no-amp: fp32 everywhere")

@@ -24,7 +24,8 @@ from checkpoints import (GUIDE_FILE, RUN_FILES, atomic_save, cpu_state_dict, loa
                          load_weights, match_state_layout, rng_state, save_run, set_rng_state)
 from config import guide_epoch
 from options import parse_args, resolve_args
-from hardware import autocast, autocast_dtype, fast_memory_format, precision_name, setup_distributed
+from hardware import (autocast, autocast_dtype, cuda_graphed, fast_memory_format, precision_name,
+                      setup_distributed)
 from modules import EMA, Autoguided
 from utils import UserError, get_data, prepare_mnist, save_images, setup_logging
 
@@ -39,7 +40,7 @@ class Run:
     world: int
     device: torch.device
     model: torch.nn.Module  # the plain network: checkpoints and EMA read it
-    net: torch.nn.Module  # what the step calls: the model, under DDP and torch.compile when asked
+    net: torch.nn.Module  # what the step calls: the model, under DDP, torch.compile or a CUDA graph when asked
     ema_model: torch.nn.Module
     ema: EMA
     optimizer: torch.optim.Optimizer
@@ -49,6 +50,7 @@ class Run:
     memory_format: torch.memory_format
     steps_per_epoch: int
     global_step: int = 0
+    graphed_batch: int = None  # the one batch size the CUDA graph replays; other sizes run the model eagerly
     guide_model: torch.nn.Module = None  # the EMA weights saved at guide_epoch: autoguidance for the grids
 
 
@@ -63,11 +65,14 @@ def build_run(c, rank, world, device, steps_per_epoch):
     # fused: one kernel for all tensors, 4-6x faster than the per-tensor loop on the CPU (bench.py)
     optimizer = torch.optim.AdamW(model.parameters(), lr=c.lr, betas=(0.9, c.adam_beta2),
                                   fused=device.type in ("cuda", "cpu"))
+    graphed_batch = None
     if c.compile:
         net = torch.compile(net)
+    elif c.cuda_graphs and device.type == "cuda" and world == 1:
+        net, graphed_batch = cuda_graphed(model, c, device, amp_dtype, memory_format), c.batch_size
     return Run(c, rank, world, device, model, net, ema_model, EMA(c.ema_beta, c.ema_start) if c.ema else None,
                optimizer, torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16),
-               c.make_diffusion(device), amp_dtype, memory_format, steps_per_epoch)
+               c.make_diffusion(device), amp_dtype, memory_format, steps_per_epoch, graphed_batch=graphed_batch)
 
 
 def train_step(run, images, labels):
@@ -78,13 +83,16 @@ def train_step(run, images, labels):
         group["lr"] = learning_rate(c, run.global_step, c.epochs * run.steps_per_epoch)
     t, noise, u = step_randomness(run, images.shape)
     x_t, noise = diffusion.noise_images(images, t, noise)
-    with autocast(run.device, run.amp_dtype):
+    net = run.net if run.graphed_batch in (None, len(images)) else run.model
+    with autocast(run.device, run.amp_dtype, cache_enabled=False):
         if c.conditional:
-            out = run.net(x_t, t, drop_labels(labels.to(run.device, non_blocking=True), u, c))
+            out = net(x_t, t, drop_labels(labels.to(run.device, non_blocking=True), u, c))
         else:
-            out = run.net(x_t, t)
+            out = net(x_t, t)
     loss, mse = diffusion.training_loss(out, images, t, noise, c.min_snr_gamma, c.timesteps == "weighted")
 
+    # set to None, not zeroed: a graphed backward hands back its own buffers as the gradients, and a second
+    # backward accumulated into them would corrupt them (PyTorch issue #181723)
     run.optimizer.zero_grad(set_to_none=True)
     run.scaler.scale(loss).backward()
     if c.grad_clip:

@@ -1,6 +1,7 @@
 """Data and images: the helpers the training scripts and users' scripts share; the input error they raise."""
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -153,6 +154,13 @@ class EpochSampler(torch.utils.data.Sampler):
         return iter(share.tolist())
 
 
+def leave_stops_to_the_main_process(worker_id):
+    """Ctrl-C, `timeout` and Slurm signal the whole process group. The main process then finishes its step
+    and saves; a worker killed by the same signal would crash it first. Workers end when the loader does."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def get_data(args, shuffle=True):
     """A DataLoader over args.dataset_path as in the original (args: a config.RunConfig or any object with
     dataset_path, image_size, batch_size; channels, crop, num_workers, seed optional); sharded per rank under
@@ -169,7 +177,7 @@ def get_data(args, shuffle=True):
     # the loader's own generator, so that starting an epoch draws nothing from the global RNG (exact resume)
     return DataLoader(
         dataset, batch_size=args.batch_size, sampler=sampler, num_workers=workers,
-        generator=torch.Generator().manual_seed(sampler.seed),
+        generator=torch.Generator().manual_seed(sampler.seed), worker_init_fn=leave_stops_to_the_main_process,
         persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
         drop_last=len(dataset) // world >= 2 * args.batch_size,
     )

@@ -50,19 +50,21 @@ def test_resume_is_bit_identical(image_folder, in_tmp):
 
 
 def test_sigterm_saves_and_resumes_exactly(tmp_path, image_folder):
-    """Stopped mid-epoch by SIGTERM, then resumed: the same weights as an uninterrupted run."""
+    """Stopped mid-epoch by SIGTERM to its whole process group, DataLoader workers included (as `timeout`,
+    Slurm and a terminal's Ctrl-C signal), then resumed: the same weights as an uninterrupted run."""
     data = str(tmp_path / "big")
     for c in range(2):
         write_images(os.path.join(data, str(c)), 40, seed=c)
     args = [sys.executable, os.path.join(ROOT, "ddpm_conditional.py"), "--dataset-path", data, *TINY,
-            "--epochs", "2"]
+            "--epochs", "2", "--num-workers", "1"]
     subprocess.run(args + ["--run-name", "straight"], cwd=tmp_path, check=True, capture_output=True, timeout=300)
     log = open(tmp_path / "log", "w+")
-    p = subprocess.Popen(args + ["--run-name", "stopped"], cwd=tmp_path, stderr=log, stdout=log)
+    p = subprocess.Popen(args + ["--run-name", "stopped"], cwd=tmp_path, stderr=log, stdout=log,
+                         start_new_session=True)
     deadline = time.time() + 120
     while "MSE=" not in open(tmp_path / "log").read() and time.time() < deadline:  # after the first step
         time.sleep(0.05)
-    p.send_signal(signal.SIGTERM)
+    os.killpg(p.pid, signal.SIGTERM)
     assert p.wait(timeout=120) == 128 + signal.SIGTERM
     out = open(tmp_path / "log").read()
     assert "--resume" in out and "Traceback" not in out

@@ -162,6 +162,44 @@ def test_bf16_autocast_close_to_faithful(device):
     assert fast_err < 1.5 * bf16_err + 1e-3, (fast_err, bf16_err)
 
 
+def test_cuda_graphs_are_on_by_default_and_only_on_cuda():
+    import train
+    from config import preset_config
+    from options import parse_args, resolve_args
+
+    assert resolve_args(parse_args(True, []))[0].cuda_graphs
+    assert not resolve_args(parse_args(False, ["--no-cuda-graphs"]))[0].cuda_graphs
+    c = preset_config("default", True)
+    c.channels, c.num_classes, c.base_width, c.batch_size = 1, 10, 8, 4
+    run = train.build_run(c, 0, 1, torch.device("cpu"), steps_per_epoch=2)
+    assert run.graphed_batch is None and run.net is run.model
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
+def test_cuda_graph_steps_match_eager_steps(monkeypatch):
+    # fp32 without TF32: the replayed graph runs the eager step's kernels, so the weights agree to rounding
+    import train
+    from config import preset_config
+
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    runs = []
+    for graphs in (False, True):
+        c = preset_config("default", True)
+        c.channels, c.num_classes, c.base_width, c.batch_size, c.data_seed = 1, 10, 8, 4, 0
+        c.cuda_graphs, c.amp = graphs, False
+        torch.manual_seed(0)
+        runs.append(train.build_run(c, 0, 1, torch.device("cuda"), steps_per_epoch=10))
+    assert [r.graphed_batch for r in runs] == [None, 4]
+    g = torch.Generator().manual_seed(1)
+    for n in (4, 4, 3, 4):  # the graphed run takes the batch of 3 eagerly
+        images, labels = torch.rand(n, 1, 16, 16, generator=g) * 2 - 1, torch.randint(0, 10, (n,), generator=g)
+        eager_mse, graphed_mse = (train.train_step(r, images, labels) for r in runs)
+        torch.testing.assert_close(graphed_mse, eager_mse, rtol=1e-4, atol=1e-6)
+    for a, b in zip(runs[1].model.parameters(), runs[0].model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_precision_and_layout_are_chosen_per_device(monkeypatch):
     import hardware
 
