@@ -25,6 +25,19 @@ def add_grid_options(opt, conditional):
                                           "run has its guide (--guide-at); 1: off")
 
 
+def add_machine_options(opt):
+    """Where and how the steps run: the device, the loader, the speed paths."""
+    opt("--device", help="auto, cpu, cuda, cuda:N or mps")
+    opt("--num-workers", type=int, help="DataLoader workers (default: 0 on CPU, 4 on GPU)")
+    opt("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the network")
+    opt("--cuda-graphs", action=argparse.BooleanOptionalAction,
+        help="one process on a GPU: capture the network's forward and backward once as CUDA graphs and replay "
+             "them each step (the same arithmetic, without the kernel launches); --no-cuda-graphs: eager")
+    opt("--amp", action=argparse.BooleanOptionalAction,
+        help="mixed precision where it is faster: bf16 autocast on CUDA (fp16 without bf16) and on CPUs with "
+             "AMX; --no-amp: fp32 everywhere")
+
+
 def parse_args(conditional, argv=None):
     """The command line; what it leaves unset stays None and comes from the preset or the resumed run."""
     p = argparse.ArgumentParser(
@@ -57,9 +70,7 @@ def parse_args(conditional, argv=None):
     opt("--timesteps", choices=("uniform", "weighted"),
         help="training timesteps: uniform as the original, or drawn in proportion to their min-SNR weight "
              "(the same expected loss, less noise)")
-    opt("--device", help="auto, cpu, cuda, cuda:N or mps")
     opt("--seed", type=int, help="makes a CPU run repeatable")
-    opt("--num-workers", type=int, help="DataLoader workers (default: 0 on CPU, 4 on GPU)")
     opt("--noise-steps", type=int, help="diffusion steps T")
     add_grid_options(opt, conditional)
     opt("--ema-beta", type=float, help="EMA decay")
@@ -68,13 +79,7 @@ def parse_args(conditional, argv=None):
                                        "the run's autoguidance guide (docs/sampling.md); 0: none")
     opt("--resume", action="store_true", help="continue the run named --run-name from its last save")
     opt("--overwrite", action="store_true", help="replace an existing run of the same name")
-    opt("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the network")
-    opt("--cuda-graphs", action=argparse.BooleanOptionalAction,
-        help="one process on a GPU: capture the network's forward and backward once as CUDA graphs and replay "
-             "them each step (the same arithmetic, without the kernel launches); --no-cuda-graphs: eager")
-    opt("--amp", action=argparse.BooleanOptionalAction,
-        help="mixed precision where it is faster: bf16 autocast on CUDA (fp16 without bf16) and on CPUs with "
-             "AMX; --no-amp: fp32 everywhere")
+    add_machine_options(opt)
     if conditional:
         opt("--num-classes", type=int, help="label embedding size; at least the dataset's class count")
         opt("--label-dropout", type=float, help="share of labels dropped for CFG training")
