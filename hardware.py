@@ -109,9 +109,9 @@ class Forward(torch.nn.Module):
 
 def cuda_graphed(model, c, device, amp_dtype, memory_format):
     """The network's forward and backward for batches like config `c`'s, captured once as CUDA graphs and
-    replayed every step (train.py, one process on a GPU; docs/speed.md#cuda). The default
-    model is too small to keep a GPU busy: eager, a step is spent issuing its ~1,500 operations one by one.
-    The same arithmetic on the same parameters; only the launches go."""
+    replayed every step (train.py, one process on a GPU; docs/speed.md#cuda). The default model is too small
+    to keep a GPU busy: eager, a step is spent issuing its ~1,500 operations one by one. The same arithmetic
+    on the same parameters; only the launches go."""
     g = torch.Generator(device).manual_seed(0)  # capture inputs that leave the global RNG alone
     n, side = c.batch_size, c.image_size
     x = torch.randn(n, c.channels, side, side, generator=g, device=device).contiguous(memory_format=memory_format)
