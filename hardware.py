@@ -119,7 +119,8 @@ def cuda_graphed(model, c, device, amp_dtype, memory_format):
     if c.conditional:
         args += (torch.randint(-1, c.num_classes, (n,), generator=g, device=device),)
     # The parameters' gradient nodes are made on the capture's warm-up stream and kept by its graph; PyTorch
-    # warns of the event that each step's backward then waits on, once per run. Measured and accepted.
-    torch.autograd.graph.set_warn_on_accumulate_grad_stream_mismatch(False)
+    # (2.10 on, where the switch exists) warns of the event each step's backward then waits on. Measured, kept.
+    if hasattr(torch.autograd.graph, "set_warn_on_accumulate_grad_stream_mismatch"):
+        torch.autograd.graph.set_warn_on_accumulate_grad_stream_mismatch(False)
     with autocast(device, amp_dtype, cache_enabled=False):  # the cache would hold casts the graph cannot see
         return torch.cuda.make_graphed_callables(Forward(model), args, allow_unused_input=True)
