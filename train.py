@@ -84,7 +84,8 @@ def train_step(run, images, labels):
     t, noise, u = step_randomness(run, images.shape)
     x_t, noise = diffusion.noise_images(images, t, noise)
     net = run.net if run.graphed_batch in (None, len(images)) else run.model
-    with autocast(run.device, run.amp_dtype, cache_enabled=False):
+    # a CUDA graph holds its own casts, so no autocast cache beside it (make_graphed_callables refuses one)
+    with autocast(run.device, run.amp_dtype, cache_enabled=run.graphed_batch is None):
         if c.conditional:
             out = net(x_t, t, drop_labels(labels.to(run.device, non_blocking=True), u, c))
         else:
