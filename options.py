@@ -93,6 +93,12 @@ def parse_args(conditional, argv=None):
     return args
 
 
+def spelled(name, value):
+    """An option as typed: --base-width 8, --ema, --no-ema."""
+    flag = name.replace("_", "-")
+    return (f"--{flag}" if value else f"--no-{flag}") if isinstance(value, bool) else f"--{flag} {value}"
+
+
 def resolve_args(args):
     """(the run's RunConfig, whether it resumes): the command line over the resumed run's config, or over
     the preset for a new run."""
@@ -106,10 +112,10 @@ def resolve_args(args):
         if saved is None:
             raise UserError(f"--resume: nothing to resume in models/{run_name} (no state.pt); "
                             "drop --resume to start this run, or check --run-name")
-        for k in RUN_DEFINING:
+        for k in RUN_DEFINING + ("ema",):  # ema too: its checkpoint would be missing, or left stale
             if k in explicit and explicit[k] != getattr(saved, k):
-                raise UserError(f"--resume: run {run_name} was trained with --{k.replace('_', '-')} "
-                                f"{getattr(saved, k)}, not {explicit[k]}: drop the option or start a new run")
+                raise UserError(f"--resume: run {run_name} was trained with {spelled(k, getattr(saved, k))}, "
+                                f"not {spelled(k, explicit[k])}: drop the option or start a new run")
         config = dataclasses.replace(saved, **explicit)
     else:
         config = dataclasses.replace(preset_config(preset, args.conditional), **explicit)

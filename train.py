@@ -194,7 +194,8 @@ def resume(run):
         group["betas"] = (group["betas"][0], run.config.adam_beta2)
     if run.ema is not None:
         run.ema.load_state_dict(state["ema"])
-    run.scaler.load_state_dict(state["scaler"])
+    if state["scaler"]:  # empty when saved without fp16 (CPU, bf16, --no-amp): the new scaler starts afresh
+        run.scaler.load_state_dict(state["scaler"])
     if state["rng"] is not None and run.world == 1:
         set_rng_state(state["rng"])
     run.global_step = state["global_step"]
@@ -234,16 +235,17 @@ class StopFlag:
         return bool(flag.item())
 
 
-def prepare_run_dir(c, resuming, overwrite, rank):
-    """Refuse to overwrite another run's checkpoints unless asked to; check the outputs can be written."""
+def old_run_files(c, resuming, overwrite):
+    """The files of another run under this name that --overwrite replaces; without it, an error."""
     found = [f for f in RUN_FILES if os.path.exists(os.path.join("models", c.run_name, f))]
-    if found and not resuming:
-        if not overwrite:
-            raise UserError(f"models/{c.run_name} already holds a run ({', '.join(found)}): pass --resume to "
-                            "continue it, --overwrite to replace it, or choose another --run-name")
-        if rank == 0:  # a new run must never be resumed from the old one's files
-            for f in found:
-                os.remove(os.path.join("models", c.run_name, f))
+    if found and not resuming and not overwrite:
+        raise UserError(f"models/{c.run_name} already holds a run ({', '.join(found)}): pass --resume to "
+                        "continue it, --overwrite to replace it, or choose another --run-name")
+    return [] if resuming else found
+
+
+def prepare_run_dir(c, rank):
+    """Check that the run's outputs can be written."""
     if rank == 0:
         try:
             setup_logging(c.run_name)
@@ -282,11 +284,15 @@ def prepare_data(c, rank, world, device):
 
 def train(c, resuming=False, overwrite=False, stop=None):
     rank, world, device = setup_distributed(c)
-    prepare_run_dir(c, resuming, overwrite, rank)
+    replaced = old_run_files(c, resuming, overwrite)
+    prepare_run_dir(c, rank)
     dataloader = prepare_data(c, rank, world, device)
     if device.type == "cuda":  # TF32 for what autocast leaves in fp32; --no-amp is full fp32
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = c.amp
     run = build_run(c, rank, world, device, len(dataloader))
+    if rank == 0:  # only now that the new run's data and network are known good; never resumed from
+        for f in replaced:
+            os.remove(os.path.join("models", c.run_name, f))
     start_epoch, skip = resume(run) if resuming else (0, 0)
     if start_epoch >= c.epochs:
         print(f"run {c.run_name} already trained {start_epoch} epochs: raise --epochs to train more")

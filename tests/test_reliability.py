@@ -160,9 +160,26 @@ def test_existing_run_is_not_overwritten(image_folder, in_tmp, capsys):
     assert code == 2 and "already holds a run" in err and "--overwrite" in err
     assert_identical(before, weights("r"))
     code, err = run_main(common + ["--resume", "--base-width", "16"], capsys)
-    assert code == 2 and "trained with --base-width 8, not 16" in err
+    assert code == 2 and "trained with --base-width 8, not --base-width 16" in err
     train.main(True, common + ["--overwrite", "--lr", "1e-2"])
     assert not torch.equal(before["ckpt.pt"]["outc.weight"], weights("r")["ckpt.pt"]["outc.weight"])
+
+
+def test_resume_keeps_the_old_run_safe_and_checks_what_would_break_it(image_folder, in_tmp, capsys, monkeypatch):
+    common = ["--dataset-path", image_folder, *TINY, "--run-name", "r", "--epochs", "1"]
+    train.main(False, common + ["--no-ema"])
+    files, before = sorted(os.listdir("models/r")), {"ckpt.pt": load_checkpoint("models/r/ckpt.pt")}
+    code, err = run_main(common + ["--overwrite", "--dataset-path", "no_such_folder"], capsys, conditional=False)
+    assert code == 2 and "no_such_folder" in err
+    assert sorted(os.listdir("models/r")) == files and files  # nothing removed
+    assert_identical(before, {"ckpt.pt": load_checkpoint("models/r/ckpt.pt")})
+    code, err = run_main(["--run-name", "r", "--epochs", "2", "--resume", "--ema"], capsys, conditional=False)
+    assert code == 2 and "trained with --no-ema, not --ema" in err
+    # saved without an fp16 scaler (its state is empty), resumed where one is on (a GPU without bf16)
+    scaler = torch.amp.GradScaler
+    monkeypatch.setattr(train.torch.amp, "GradScaler", lambda *args, **kwargs: scaler("cpu"))
+    train.main(False, ["--run-name", "r", "--epochs", "2", "--resume"])
+    assert load_checkpoint("models/r/state.pt")["epoch"] == 2
 
 
 def test_unwritable_output_folder(image_folder, in_tmp, capsys):
