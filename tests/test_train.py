@@ -13,7 +13,7 @@ from conftest import ROOT
 from ddpm import Diffusion
 from modules import UNet, UNet_conditional
 from checkpoints import load_checkpoint, load_weights
-from utils import prepare_mnist
+from utils import UserError, prepare_mnist
 
 TINY = ["--image-size", "8", "--base-width", "8", "--batch-size", "4", "--sample-steps", "3",
         "--n-samples", "4", "--seed", "0", "--noise-steps", "50"]
@@ -145,10 +145,16 @@ def test_bundled_dataset_is_written_whole_when_two_runs_start_at_once(tmp_path, 
     assert sum(len(os.listdir(root / str(c))) for c in range(10)) == 20
     assert sorted(os.listdir(tmp_path)) == ["mnist"]  # no temporary folder left behind
 
-    (root / ".complete").unlink()  # a copy an older version left half-written is replaced
+    (root / ".complete").unlink()  # a copy left half-written is replaced
     barrier = threading.Barrier(1)
     assert prepare_mnist(str(root)) == str(root) and (root / ".complete").exists()
     assert sorted(os.listdir(tmp_path)) == ["mnist"]
+
+    (root / ".complete").unlink()  # a folder of the user's under that name is never replaced
+    (root / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="is not the bundled dataset"):
+        prepare_mnist(str(root))
+    assert (root / "notes.txt").read_text() == "mine" and len(os.listdir(root / "3")) == 2
 
 
 def test_seed_makes_a_cpu_run_repeatable(image_folder, in_tmp):
