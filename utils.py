@@ -131,10 +131,34 @@ def make_dataset(root, image_size, channels, crop):
     return dataset
 
 
+class SeededSamples(Dataset):
+    """A dataset read by (epoch, index) keys, each sample's random transforms (the random crop) drawn from
+    (seed, epoch, index) alone: with any number of workers, and after a resume, every image is cropped as in
+    an uninterrupted run. The process's own RNG is left as it was. Other attributes: the wrapped dataset's."""
+
+    def __init__(self, dataset, seed):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getattr__(self, name):  # classes, samples, files...
+        if name == "dataset":  # not set yet (unpickling in a spawned worker)
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def __getitem__(self, key):
+        epoch, i = key
+        with torch.random.fork_rng(devices=[]):
+            torch.random.default_generator.manual_seed(((self.seed * 1_000_003 + epoch) * 1_000_033 + i) % 2**63)
+            return self.dataset[i]
+
+
 class EpochSampler(torch.utils.data.Sampler):
     """Shuffles by a permutation that depends on (seed, epoch) alone, so a resumed run sees the same order,
-    and gives each rank of a distributed run its own share. Each pass moves on to the next epoch unless
-    set_epoch names one; `skip` drops the first samples of that epoch's share (resuming mid-epoch)."""
+    and gives each rank of a distributed run its own share, as (epoch, index) keys for SeededSamples. Each
+    pass moves on to the next epoch unless set_epoch names one; `skip` drops the first samples of that
+    epoch's share (resuming mid-epoch)."""
 
     def __init__(self, n, shuffle=True, seed=0, rank=0, world=1):
         self.n, self.shuffle, self.seed, self.rank, self.world = n, shuffle, seed, rank, world
@@ -150,8 +174,8 @@ class EpochSampler(torch.utils.data.Sampler):
         order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)) \
             if self.shuffle else torch.arange(self.n)
         share = order[: self.n - self.n % self.world][self.rank::self.world][self.skip:]
-        self.epoch, self.skip = self.epoch + 1, 0
-        return iter(share.tolist())
+        epoch, self.epoch, self.skip = self.epoch, self.epoch + 1, 0
+        return ((epoch, i) for i in share.tolist())
 
 
 def leave_stops_to_the_main_process(worker_id):
@@ -174,6 +198,7 @@ def get_data(args, shuffle=True):
     seed = getattr(args, "data_seed", getattr(args, "seed", None))
     sampler = EpochSampler(len(dataset), shuffle, torch.randint(2**31, ()).item() if seed is None else seed,
                            rank, world)
+    dataset = SeededSamples(dataset, sampler.seed)
     # the loader's own generator, so that starting an epoch draws nothing from the global RNG (exact resume)
     return DataLoader(
         dataset, batch_size=args.batch_size, sampler=sampler, num_workers=workers,

@@ -37,8 +37,10 @@ def run_main(argv, capsys, conditional=True):
     return e.value.code, capsys.readouterr().err
 
 
-def test_resume_is_bit_identical(image_folder, in_tmp):
-    common = ["--dataset-path", image_folder, *TINY, "--ema-start", "2"]
+@pytest.mark.parametrize("loading", [[], ["--crop", "random", "--num-workers", "2"]])
+def test_resume_is_bit_identical(image_folder, in_tmp, loading):
+    # random crops drawn in DataLoader workers too: each sample's from (seed, epoch, index) alone
+    common = ["--dataset-path", image_folder, *TINY, "--ema-start", "2", *loading]
     train.main(True, ["--run-name", "straight", "--epochs", "3", *common])
     train.main(True, ["--run-name", "split", "--epochs", "1", *common])
     train.main(True, ["--run-name", "split", "--epochs", "3", "--resume"])
