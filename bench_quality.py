@@ -130,8 +130,10 @@ def recipe_changes(saved, config):
 
 def train_to(config, epochs):
     """A run of `epochs` epochs of this recipe. With a constant rate one run serves every point: it is resumed
-    (exactly) from the last; a schedule that spans the run needs a run of each length."""
-    if config.lr_schedule != "constant":
+    (exactly) from the last; a schedule that spans the run needs a run of each length, and so does a point
+    short of a constant-rate run already trained further (never cut back)."""
+    state = os.path.join("models", config.run_name, "state.pt")
+    if config.lr_schedule != "constant" or (os.path.isfile(state) and load_checkpoint(state)["epoch"] > epochs):
         config = dataclasses.replace(config, run_name=f"{config.run_name}_e{epochs}")
     run_dir = os.path.join("models", config.run_name)
     state = os.path.join(run_dir, "state.pt")
@@ -185,9 +187,13 @@ def main(argv=None):
 
 
 def bench(a, argv):
-    recipes, seeds = a.recipes.split(","), [int(s) for s in a.seeds.split(",")]
-    points = sorted(int(s) for s in a.steps.split(","))
-    scales = [float(s) for s in a.cfg_scales.split(",")] if a.cfg_scales and not a.unconditional else []
+    try:
+        recipes, seeds = a.recipes.split(","), [int(s) for s in a.seeds.split(",")]
+        points = sorted(int(s) for s in a.steps.split(","))
+        scales = [float(s) for s in a.cfg_scales.split(",")] if a.cfg_scales and not a.unconditional else []
+    except ValueError:
+        raise UserError(f"--seeds {a.seeds} / --steps {a.steps} / --cfg-scales {a.cfg_scales}: comma-separated "
+                        "numbers, e.g. --seeds 0,1,2 --steps 250,500") from None
     unknown = [r for r in recipes if r not in RECIPES]
     if unknown or min(points) <= 0 or a.n <= 0:
         raise UserError(f"--recipes {a.recipes} / --steps {a.steps} / --n {a.n}: recipes from "

@@ -144,8 +144,16 @@ def validate(c):
                  "sample_steps", "noise_steps", "num_classes"):
         if getattr(c, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(c, name)}")
-    if c.lr <= 0:
+    if not c.lr > 0:  # written so that NaN fails too
         raise UserError(f"--lr must be positive, got {c.lr}")
+    if not c.min_snr_gamma >= 0:
+        raise UserError(f"--min-snr-gamma must be >= 0 (0: plain MSE), got {c.min_snr_gamma}")
+    if not 0 <= c.ema_beta <= 1:
+        raise UserError(f"--ema-beta must lie in [0, 1] (the share of the old EMA kept each step), got {c.ema_beta}")
+    if c.num_workers is not None and c.num_workers < 0:
+        raise UserError(f"--num-workers must be >= 0 (0: load in the main process), got {c.num_workers}")
+    if not c.eta >= 0:
+        raise UserError(f"--eta must be >= 0 (0: deterministic DDIM, 1: DDPM-like), got {c.eta}")
     if not 0 <= c.adam_beta2 < 1:
         raise UserError(f"--adam-beta2 must lie in [0, 1), got {c.adam_beta2}")
     if not 0 <= c.guide_at < 1:
@@ -153,7 +161,7 @@ def validate(c):
     if not c.guide_scale > 0:
         raise UserError(f"--guide-scale must be positive (1: no autoguidance), got {c.guide_scale}")
     for name in ("warmup_steps", "grad_clip", "ema_start"):
-        if getattr(c, name) < 0:
+        if not getattr(c, name) >= 0:
             raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(c, name)}")
     if not 0 <= c.lr_floor <= 1:
         raise UserError(f"--lr-floor must lie in [0, 1] (a share of --lr), got {c.lr_floor}")

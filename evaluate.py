@@ -89,6 +89,8 @@ def main(argv=None):
     try:
         if (a.samples is None) == (a.ckpt is None):
             raise UserError("pass either --samples DIR or --ckpt PATH")
+        if a.n <= 0:
+            raise UserError(f"--n must be positive, got {a.n}")
         if a.samples is not None and (a.guide or a.guide_scale is not None):
             raise UserError("--guide samples from --ckpt: a --samples folder is already sampled")
         if a.inception_weights is not None:
@@ -107,8 +109,8 @@ def main(argv=None):
         if a.inception_weights is None:
             print(f"FID (Inception): not computed: pass --inception-weights PATH to pytorch-fid's {FID_WEIGHTS_NAME}")
         else:
-            k = min(len(images), len(ev.real_b))
-            print(f"FID (Inception, {k} vs {len(ev.real_b)} held-out): {fid(images, ev.real_b, inception):.3f}")
+            print(f"FID (Inception, {len(images)} vs {len(ev.real_b)} held-out): "
+                  f"{fid(images, ev.real_b, inception):.3f}")
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

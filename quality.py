@@ -159,14 +159,16 @@ class Evaluator:
 
     @staticmethod
     def cache_key(dataset_path, recipe):
-        """Changes with the data (file names and sizes) and the judge's recipe (image format included)."""
+        """Changes with the data (file names, sizes and times of change, as make and rsync tell) and the
+        judge's recipe (image format included)."""
         h = hashlib.sha1(repr(recipe).encode())
         for root, dirs, files in sorted(os.walk(dataset_path)):
             dirs.sort()
             for f in sorted(files):
                 if f.lower().endswith(IMAGE_EXTENSIONS):
                     p = os.path.join(root, f)
-                    h.update(f"{os.path.relpath(p, dataset_path)}:{os.path.getsize(p)}".encode())
+                    st = os.stat(p)
+                    h.update(f"{os.path.relpath(p, dataset_path)}:{st.st_size}:{st.st_mtime_ns}".encode())
         return h.hexdigest()[:12]
 
     def real_images(self, idx):
@@ -223,6 +225,11 @@ class Evaluator:
         if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1:] != self.real_b.shape[1:]:
             raise UserError(f"samples must be uint8 {tuple(self.real_b.shape[1:])} images like the dataset's at "
                             f"this --image-size/--channels, got {images.dtype} {tuple(images.shape[1:])}")
+        if len(images) < 2:
+            raise UserError(f"FD compares spreads of features: it needs at least 2 samples, got {len(images)}")
+        if labels is not None and int(torch.as_tensor(labels).max()) >= len(self.classes):
+            raise UserError(f"label {int(torch.as_tensor(labels).max())} among the samples, but the dataset "
+                            f"has {len(self.classes)} classes: check --dataset-path")
         logits, feats = self.features(images)
         pred = logits.argmax(1)
         k = min(len(images), len(self.real_a))  # the floor can only use as many real images as A holds

@@ -13,6 +13,7 @@ import hardware  # noqa: F401, I001  (first: it sets the OpenMP spin before torc
 
 import argparse
 import os
+import re
 import sys
 
 from PIL import Image
@@ -21,14 +22,18 @@ from hardware import autocast_dtype, pick_device
 from sampling import add_sampling_options, generate, labels_for, load_for_sampling, resolve_sampling, with_guide
 from utils import UserError, option_adder, save_images
 
-def check_out(out):
-    """Decide grid file or folder, and fail before sampling if it cannot be written."""
+def check_out(out, overwrite=False):
+    """Decide grid file or folder, and fail before sampling if it cannot be written. A folder that already
+    holds files would mix earlier images with these: refused unless `overwrite`."""
     as_dir = out.endswith(("/", os.sep)) or os.path.isdir(out)
     if not as_dir:
         ext = os.path.splitext(out)[1].lower()
-        if ext not in Image.registered_extensions():
-            raise UserError(f"--out {out}: unknown image extension {ext or '(none)'}: use .png or .jpg for a "
-                            "grid, or end the path with / for single images")
+        if Image.registered_extensions().get(ext) not in Image.SAVE:  # PIL reads some formats it cannot write
+            raise UserError(f"--out {out}: cannot write {ext or 'a file without extension'} images: use .png or "
+                            ".jpg for a grid, or end the path with / for single images")
+    elif os.path.isdir(out) and os.listdir(out) and not overwrite:
+        raise UserError(f"--out {out} already holds files: choose a new folder, or pass --overwrite to replace "
+                        "the images sample.py wrote there")
     # the nearest folder that exists must be a writable folder (os.makedirs creates the rest)
     probe = os.path.abspath(out if as_dir else os.path.dirname(os.path.abspath(out)))
     while not os.path.exists(probe):
@@ -38,10 +43,21 @@ def check_out(out):
     return as_dir
 
 
+def earlier_samples(out):
+    """The PNGs an earlier `--out` to this folder wrote: 00000.png... in it and in its label subfolders."""
+    found = []
+    for folder in [out] + [os.path.join(out, d) for d in os.listdir(out) if d.isdigit()]:
+        if os.path.isdir(folder):
+            found += [os.path.join(folder, f) for f in os.listdir(folder) if re.fullmatch(r"\d{5}\.png", f)]
+    return found
+
+
 def write(images, labels, out, as_dir, nrow):
     if not as_dir:
         save_images(images, out, nrow=nrow)
         return out
+    for path in earlier_samples(out) if os.path.isdir(out) else []:  # (non-empty: only with --overwrite)
+        os.remove(path)
     for i, img in enumerate(images):
         d = os.path.join(out, str(int(labels[i]))) if labels is not None else out
         os.makedirs(d, exist_ok=True)
@@ -62,6 +78,7 @@ def build_parser():
     opt("--batch-size", type=int, default=500, help="images per sampling batch (default: 500)")
     opt("--out", default="samples.png", help="x.png: a grid; dir/ or an existing folder: single PNGs "
                                              "(default: samples.png)")
+    opt("--overwrite", action="store_true", help="--out dir/: replace the images an earlier run wrote there")
     opt("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -78,7 +95,7 @@ def resolve(a):
     resolve_sampling(a, config)
     labels = labels_for(config, a.labels, ckpt)
     model, a.guided = with_guide(model, config, ckpt, device, a.guide, a.guide_scale)
-    as_dir = check_out(a.out)
+    as_dir = check_out(a.out, a.overwrite)
     return ckpt, model, config, labels, diffusion, as_dir
 
 

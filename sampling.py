@@ -7,7 +7,7 @@ import re
 
 import torch
 
-from checkpoints import GUIDE_FILE, load_model, resolve_ckpt
+from checkpoints import GUIDE_FILE, load_config, load_model, resolve_ckpt
 from config import SECTIONS, check_cfg_min_sigma
 from diffusion import SAMPLERS
 from hardware import autocast
@@ -94,7 +94,10 @@ def with_guide(model, config, ckpt, device, guide=None, scale=None):
     scale = OTHER_GUIDE_SCALE if scale is None else scale
     if scale == 1:
         return model, None
-    guide_path, guide_model, guide_config, _ = load_for_sampling(guide, device, image_size=config.image_size)
+    # a bare checkpoint (the original's) says nothing of its diffusion: a bare guide takes the model's T
+    bare = load_config(os.path.dirname(os.path.abspath(resolve_ckpt(guide)))) is None
+    guide_path, guide_model, guide_config, _ = load_for_sampling(
+        guide, device, image_size=config.image_size, noise_steps=config.noise_steps if bare else None)
     differ = [f"{k} {getattr(guide_config, k)} (the model's: {getattr(config, k)})" for k in GUIDE_MUST_MATCH
               if getattr(guide_config, k) != getattr(config, k) and (k != "num_classes" or config.conditional)]
     if differ:

@@ -115,9 +115,17 @@ def test_evaluate_cli_on_a_sample_folder(tmp_path, capsys, monkeypatch):
     assert "per class (the judge on real held-out images): 0:1.00 (" in out
     assert "confident (the judge's top class at >= 0.9): " in out and "(real held-out images: " in out
     assert "FID (Inception): not computed" in out
-    with pytest.raises(SystemExit) as e:
-        evaluate.main(["--samples", str(tmp_path / "none"), "--dataset-path", data])
-    assert e.value.code == 2 and capsys.readouterr().err.startswith("error: ")
+    one = make_folder(tmp_path / "one", n_per_class=1, seed=2)
+    os.remove(os.path.join(one, "1", os.listdir(os.path.join(one, "1"))[0]))
+    beyond = make_folder(tmp_path / "beyond", n_per_class=2, seed=3)
+    os.rename(os.path.join(beyond, "1"), os.path.join(beyond, "7"))  # a label the dataset does not have
+    for argv, says in ((["--samples", str(tmp_path / "none")], "no such"),
+                       (["--samples", one], "at least 2 samples"), (["--samples", beyond], "label 7"),
+                       (["--ckpt", "x.pt", "--n", "0"], "--n must be positive")):
+        with pytest.raises(SystemExit) as e:
+            evaluate.main(argv + ["--dataset-path", data, "--device", "cpu"])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith("error: ") and says in err and len(err.splitlines()) == 1
 
 
 def test_real_references_are_the_images_as_they_are(tmp_path):
@@ -141,6 +149,10 @@ def test_the_judges_cache_key_follows_its_recipe(tmp_path):
     before = Evaluator.cache_key(data, recipes[0])
     Image.fromarray(np.zeros((12, 12), np.uint8), mode="L").save(os.path.join(data, "0", "extra.png"))
     assert Evaluator.cache_key(data, recipes[0]) != before  # new data, new judge
+    before = Evaluator.cache_key(data, recipes[0])
+    first = os.path.join(data, "0", sorted(os.listdir(os.path.join(data, "0")))[0])
+    os.utime(first, ns=(os.stat(first).st_atime_ns, os.stat(first).st_mtime_ns + 1_000_000))
+    assert Evaluator.cache_key(data, recipes[0]) != before  # rewritten in place, same name and size
 
 
 def test_shift_and_rotate_moves_whole_pixels_and_fills_with_background():
@@ -178,6 +190,25 @@ def test_bench_quality_keeps_runs_on_different_datasets_apart(tmp_path, monkeypa
     with pytest.raises(UserError, match="label_dropout 0.1, not 0.3"):
         bench_quality.train_to(changed, 1)
     assert sorted(os.listdir(run_dir)) == ["config.json", "state.pt"]
+
+
+def test_bench_quality_never_cuts_a_longer_run_back(tmp_path, monkeypatch):
+    import bench_quality
+    from checkpoints import save_config
+
+    monkeypatch.chdir(tmp_path)
+    config = bench_quality.recipe_config("constant-lr", 0, True, None, bench_quality.FOLDER)
+    run_dir = tmp_path / "models" / config.run_name
+    run_dir.mkdir(parents=True)
+    save_config(config, str(run_dir))
+    torch.save({"epoch": 2}, run_dir / "state.pt")
+    calls = []
+    monkeypatch.setattr(bench_quality.train, "train", lambda c, **kw: calls.append((c.run_name, c.epochs, kw)))
+    shorter = bench_quality.train_to(config, 1)
+    assert calls == [(f"{config.run_name}_e1", 1, {"overwrite": True})] and shorter.run_name.endswith("_e1")
+    assert torch.load(run_dir / "state.pt") == {"epoch": 2}  # the longer run is left as it was
+    calls.clear()
+    assert bench_quality.train_to(config, 2).run_name == config.run_name and calls == []  # reused
 
 
 def test_fd_on_more_samples_than_references_uses_samples_of_every_label(tmp_path):

@@ -68,6 +68,18 @@ def test_folders_per_label_and_comma_list(tmp_path, capsys):
     assert len(files) == 3 and Image.open(out / "2" / files[0]).size == (8, 8)
 
 
+def test_a_used_output_folder_is_refused_then_replaced_with_overwrite(tmp_path, capsys):
+    ckpt = make_run(tmp_path / "run")
+    out = tmp_path / "imgs"
+    argv = ["--ckpt", str(ckpt), "--labels", "1", "--sampler", "ddim", "--steps", "2", "--out", str(out) + "/"]
+    assert run(argv + ["--n", "3"], capsys)[0] == 0
+    (out / "notes.txt").write_text("mine")
+    code, _, stderr = run(argv + ["--n", "1"], capsys)
+    assert code == 2 and "--overwrite" in stderr and len(os.listdir(out / "1")) == 3  # nothing mixed in
+    assert run(argv + ["--n", "1", "--overwrite"], capsys)[0] == 0
+    assert os.listdir(out / "1") == ["00000.png"] and (out / "notes.txt").read_text() == "mine"
+
+
 def test_run_folder_unconditional_rgb_and_default_size_without_state(tmp_path, capsys):
     make_run(tmp_path / "run", conditional=False, channels=3, config=False)
     out = tmp_path / "flat"
@@ -115,7 +127,8 @@ def test_amp_flag_sets_the_networks_precision(tmp_path, capsys, monkeypatch):
 
 
 @pytest.mark.parametrize("case", ["missing", "label_range", "uncond_labels", "size", "unwritable", "bad_labels",
-                                  "ddpm_steps", "cfg_min_sigma", "guide_kind", "guide_scale_alone"])
+                                  "ddpm_steps", "cfg_min_sigma", "guide_kind", "guide_scale_alone",
+                                  "read_only_format"])
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys, case):
     cond = make_run(tmp_path / "cond")
     uncond = make_run(tmp_path / "uncond", conditional=False)
@@ -128,6 +141,7 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys, ca
         "uncond_labels": ["--ckpt", uncond, "--labels", "0"],
         "size": ["--ckpt", cond, "--image-size", "12"],
         "unwritable": ["--ckpt", cond, "--out", str(blocker / "sub" / "g.png")],
+        "read_only_format": ["--ckpt", cond, "--out", str(tmp_path / "g.psd")],
         "bad_labels": ["--ckpt", cond, "--labels", "one"],
         "ddpm_steps": ["--ckpt", cond, "--sampler", "ddpm", "--steps", "5"],
         "cfg_min_sigma": ["--ckpt", cond, "--cfg-min-sigma", "-1"],
