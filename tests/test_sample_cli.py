@@ -80,6 +80,15 @@ def test_a_used_output_folder_is_refused_then_replaced_with_overwrite(tmp_path, 
     assert os.listdir(out / "1") == ["00000.png"] and (out / "notes.txt").read_text() == "mine"
 
 
+def test_bare_checkpoints_guide_each_other_at_the_given_noise_steps(tmp_path, capsys):
+    model = make_run(tmp_path / "bare", conditional=False, config=False)
+    guide = make_run(tmp_path / "bare_guide", conditional=False, config=False)
+    code, stdout, stderr = run(["--ckpt", model, "--guide", guide, "--noise-steps", "20", "--image-size", "8",
+                                "--n", "2", "--steps", "2", "--out", str(tmp_path / "g.png")], capsys)
+    assert code == 0, stderr
+    assert "autoguidance 1.5" in stdout
+
+
 def test_run_folder_unconditional_rgb_and_default_size_without_state(tmp_path, capsys):
     make_run(tmp_path / "run", conditional=False, channels=3, config=False)
     out = tmp_path / "flat"
