@@ -22,21 +22,33 @@ RUN_FILES = ("ckpt.pt", "ema_ckpt.pt", "optim.pt", "state.pt", "config.json", GU
 
 
 def atomic_save(obj, path):
-    """torch.save through a temporary file, fsync and os.replace: a crash mid-save leaves the old file."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
+    """torch.save (JSON for .json) through a temporary file, fsync and os.replace: a crash mid-save leaves the
+    old file."""
+    atomic_save_all([(obj, path)])
+
+
+def atomic_save_all(items):
+    """atomic_save for several (obj, path) as one: every file is written and flushed beside its path first,
+    then all are renamed into place, so a crash while writing leaves the old set whole (only the renames,
+    microseconds, could leave a mix)."""
+    staged = []
     try:
-        with open(tmp, "wb") as f:
-            if path.endswith(".json"):
-                f.write((json.dumps(obj, indent=2) + "\n").encode())
-            else:
-                torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        for obj, path in items:
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            staged.append((f"{path}.tmp{os.getpid()}", path))
+            with open(staged[-1][0], "wb") as f:
+                if path.endswith(".json"):
+                    f.write((json.dumps(obj, indent=2) + "\n").encode())
+                else:
+                    torch.save(obj, f)
+                f.flush()
+                os.fsync(f.fileno())
+        for tmp, path in staged:
+            os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        for tmp, _ in staged:
+            if os.path.exists(tmp):
+                os.remove(tmp)
 
 
 def load_checkpoint(path):
@@ -125,17 +137,16 @@ def load_config(run_dir):
 
 def save_run(run_dir, model, ema_model, optimizer, state, config):
     """ckpt.pt, ema_ckpt.pt and optim.pt as the original's plain state_dicts, config.json, then state.pt (the
-    rest that resuming needs). Each file is replaced atomically; state.pt goes last."""
+    rest that resuming needs), replaced as one set: a run killed while saving resumes from its last whole save."""
     for p in unwrap(model).parameters():
         if not torch.isfinite(p).all():
             raise UserError("the weights became non-finite; nothing was saved over the last good checkpoint: "
                             "lower --lr, or resume from the last save with --resume")
-    atomic_save(cpu_state_dict(model), os.path.join(run_dir, "ckpt.pt"))
+    files = [("ckpt.pt", cpu_state_dict(model))]
     if ema_model is not None:
-        atomic_save(cpu_state_dict(ema_model), os.path.join(run_dir, "ema_ckpt.pt"))
-    atomic_save(optimizer.state_dict(), os.path.join(run_dir, "optim.pt"))
-    save_config(config, run_dir)
-    atomic_save(state, os.path.join(run_dir, "state.pt"))
+        files.append(("ema_ckpt.pt", cpu_state_dict(ema_model)))
+    files += [("optim.pt", optimizer.state_dict()), ("config.json", config.to_json()), ("state.pt", state)]
+    atomic_save_all([(obj, os.path.join(run_dir, name)) for name, obj in files])
 
 
 def load_run(run_dir, model, ema_model, optimizer):

@@ -93,6 +93,24 @@ def test_atomic_save_survives_a_crash_mid_write(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["ckpt.pt"]  # no temporary file left behind
 
 
+def test_a_run_killed_while_saving_keeps_its_last_whole_save(image_folder, in_tmp, monkeypatch):
+    common = ["--dataset-path", image_folder, *TINY, "--run-name", "r"]
+    train.main(True, common + ["--epochs", "1"])
+    before = weights("r")
+    real_save = checkpoints.torch.save
+
+    def dies_at_the_optimizer(obj, f):  # ckpt.pt and ema_ckpt.pt are written by then
+        if "param_groups" in obj:
+            raise KeyboardInterrupt
+        real_save(obj, f)
+
+    monkeypatch.setattr(checkpoints.torch, "save", dies_at_the_optimizer)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(True, common + ["--epochs", "2", "--resume"])
+    assert_identical(before, weights("r"))  # not new weights beside an old state.pt
+    assert load_checkpoint("models/r/state.pt")["epoch"] == 1 and not any(".tmp" in f for f in os.listdir("models/r"))
+
+
 def test_non_finite_loss_stops_without_saving(image_folder, in_tmp, capsys, monkeypatch):
     common = ["--dataset-path", image_folder, *TINY, "--run-name", "r"]
     train.main(True, common + ["--epochs", "1"])
