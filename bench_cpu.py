@@ -9,6 +9,7 @@ step in fp32 and under CPU bf16 autocast, contiguous NCHW both: the input to har
 which takes bf16 only on CPUs with AMX; and the 64x64 attention layer's forward and backward in fp32, bf16, and
 as modules.CPUBf16Attention runs it.
 """
+import argparse
 import os
 import subprocess
 import sys
@@ -69,6 +70,7 @@ def ms_per_step(env, jobs, steps, config=DEFAULT):
 
 
 if __name__ == "__main__":
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     print("| OpenMP setting | idle machine | two such jobs at once |\n|---|---|---|")
     for name, env in SETTINGS:
         print(f"| {name} | {ms_per_step(env, 1, 30):.0f} ms | {ms_per_step(env, 2, 15):.0f} ms |", flush=True)

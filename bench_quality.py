@@ -4,7 +4,7 @@
     python bench_quality.py                                        # default vs the original's recipe, seed 0
     python bench_quality.py --recipes default --seeds 0,1,2 --steps 1000
     python bench_quality.py --unconditional --recipes default --steps 1000
-    python bench_quality.py --steps 250,500,1000,1500 --plot docs/quality.png
+    python bench_quality.py --recipes default,original --seeds 0 --steps 250,500,1000,1872 --plot docs/quality.png
 
 Each run trains in models/bench_quality/ on the bundled digits (a subfolder per --dataset-path) from its
 preset with the recipe's changes, for the whole epochs that reach each of --steps (a run of that length; with a
