@@ -45,8 +45,10 @@ def report(r, classes, title=""):
     lines = [f"{title}n={r['n']}"]
     if "label_acc" in r:
         lines.append(f"label accuracy: {r['label_acc']:.3f}")
+        held_out = r["classifier_class_acc"]  # a small dataset may hold out no image of some class
         lines.append("per class (the judge on real held-out images): " + ", ".join(
-            f"{classes[c]}:{acc:.2f} ({r['classifier_class_acc'][c]:.2f})" for c, acc in r["class_acc"].items()))
+            f"{classes[c]}:{acc:.2f} ({held_out[c]:.2f})" if c in held_out else f"{classes[c]}:{acc:.2f} (none)"
+            for c, acc in r["class_acc"].items()))
     lines.append("class histogram: " + ", ".join(f"{c}:{k}" for c, k in zip(classes, r["histogram"])))
     lines.append(f"confident (the judge's top class at >= 0.9): {r['confident']:.3f}  (real held-out images: "
                  f"{r['classifier_confident']:.3f})")

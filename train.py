@@ -12,7 +12,7 @@ import os
 import random
 import signal
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -51,6 +51,7 @@ class Run:
     steps_per_epoch: int
     global_step: int = 0
     graphed_batch: int = None  # the one batch size the CUDA graph replays; other sizes run the model eagerly
+    replaced: dict = field(default_factory=dict)  # --overwrite: old_run_outputs, gone at the first save
     guide_model: torch.nn.Module = None  # the EMA weights saved at guide_epoch: autoguidance for the grids
 
 
@@ -184,6 +185,10 @@ def save(run, epoch, step_in_epoch):
              {"epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": run.global_step,
               "ema": run.ema.state_dict() if run.ema else None, "scaler": run.scaler.state_dict(),
               "rng": rng_state()}, run.config)
+    for path, version in run.replaced.items():  # --overwrite: what is left of the old run (never resumed from)
+        if os.path.isfile(path) and file_version(path) == version:
+            os.remove(path)
+    run.replaced = {}
 
 
 def resume(run):
@@ -235,13 +240,24 @@ class StopFlag:
         return bool(flag.item())
 
 
-def old_run_files(c, resuming, overwrite):
-    """The files of another run under this name that --overwrite replaces; without it, an error."""
+def old_run_outputs(c, resuming, overwrite):
+    """What --overwrite replaces: another run's checkpoints, grids and TensorBoard files under this name, each
+    with what tells that version of it apart (without --overwrite, an error). save() removes those the new
+    run has not rewritten by its first save: a new run that fails before then leaves the old one whole."""
     found = [f for f in RUN_FILES if os.path.exists(os.path.join("models", c.run_name, f))]
     if found and not resuming and not overwrite:
         raise UserError(f"models/{c.run_name} already holds a run ({', '.join(found)}): pass --resume to "
                         "continue it, --overwrite to replace it, or choose another --run-name")
-    return [] if resuming else found
+    if resuming or not found:
+        return {}
+    folders = [os.path.join(top, c.run_name) for top in ("models", "results", "runs")]
+    paths = [os.path.join(d, f) for d in folders if os.path.isdir(d) for f in os.listdir(d)]
+    return {p: file_version(p) for p in paths if os.path.isfile(p)}
+
+
+def file_version(path):
+    st = os.stat(path)
+    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def prepare_run_dir(c, rank):
@@ -284,15 +300,13 @@ def prepare_data(c, rank, world, device):
 
 def train(c, resuming=False, overwrite=False, stop=None):
     rank, world, device = setup_distributed(c)
-    replaced = old_run_files(c, resuming, overwrite)
-    prepare_run_dir(c, rank)
+    replaced = old_run_outputs(c, resuming, overwrite)
     dataloader = prepare_data(c, rank, world, device)
+    prepare_run_dir(c, rank)
     if device.type == "cuda":  # TF32 for what autocast leaves in fp32; --no-amp is full fp32
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = c.amp
     run = build_run(c, rank, world, device, len(dataloader))
-    if rank == 0:  # only now that the new run's data and network are known good; never resumed from
-        for f in replaced:
-            os.remove(os.path.join("models", c.run_name, f))
+    run.replaced = replaced
     start_epoch, skip = resume(run) if resuming else (0, 0)
     if start_epoch >= c.epochs:
         print(f"run {c.run_name} already trained {start_epoch} epochs: raise --epochs to train more")

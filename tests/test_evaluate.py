@@ -142,6 +142,13 @@ def test_real_references_are_the_images_as_they_are(tmp_path):
     assert np.abs(mine - resized).mean() < 8  # antialiased resize vs PIL's bilinear: close, not zoomed
 
 
+def test_report_names_a_class_the_judge_held_no_image_of():
+    r = {"n": 4, "label_acc": 0.5, "class_acc": {0: 1.0, 2: 0.0}, "classifier_class_acc": {0: 0.9, 1: 1.0},
+         "histogram": [2, 0, 2], "confident": 0.5, "classifier_confident": 0.9, "fd_n": 4, "fd": 1.0,
+         "fd_floor": 1.0, "classifier_acc": 0.9}
+    assert "a:1.00 (0.90), c:0.00 (none)" in evaluate.report(r, ["a", "b", "c"])
+
+
 def test_the_judges_cache_key_follows_its_recipe(tmp_path):
     data = make_folder(tmp_path / "data", n_per_class=4)
     recipes = [(version, 16, 1, epochs, 0, share) for version in (1, 2) for epochs in (12, 20) for share in (0.6, 0.8)]

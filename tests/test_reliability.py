@@ -186,18 +186,25 @@ def test_existing_run_is_not_overwritten(image_folder, in_tmp, capsys):
     assert_identical(before, weights("r"))
     code, err = run_main(common + ["--resume", "--base-width", "16"], capsys)
     assert code == 2 and "trained with --base-width 8, not --base-width 16" in err
+    open("results/r/7.jpg", "w").close()  # what a longer old run would have left: grids, its TensorBoard file
+    open("runs/r/events.out.tfevents.old", "w").close()
     train.main(True, common + ["--overwrite", "--lr", "1e-2"])
     assert not torch.equal(before["ckpt.pt"]["outc.weight"], weights("r")["ckpt.pt"]["outc.weight"])
+    assert sorted(os.listdir("results/r")) == ["0.jpg", "0_ema.jpg"]
+    assert "events.out.tfevents.old" not in os.listdir("runs/r") and os.listdir("runs/r")
 
 
 def test_resume_keeps_the_old_run_safe_and_checks_what_would_break_it(image_folder, in_tmp, capsys, monkeypatch):
     common = ["--dataset-path", image_folder, *TINY, "--run-name", "r", "--epochs", "1"]
     train.main(False, common + ["--no-ema"])
     files, before = sorted(os.listdir("models/r")), {"ckpt.pt": load_checkpoint("models/r/ckpt.pt")}
-    code, err = run_main(common + ["--overwrite", "--dataset-path", "no_such_folder"], capsys, conditional=False)
-    assert code == 2 and "no_such_folder" in err
-    assert sorted(os.listdir("models/r")) == files and files  # nothing removed
-    assert_identical(before, {"ckpt.pt": load_checkpoint("models/r/ckpt.pt")})
+    make_bad_folders("bad")
+    for data, says in (("no_such_folder", "no_such_folder"), ("bad/corrupt", "cannot read image")):
+        # refused before training, or failing in it: either way the old run stays whole
+        code, err = run_main(common + ["--overwrite", "--dataset-path", data], capsys, conditional=False)
+        assert code == 2 and says in err
+        assert sorted(os.listdir("models/r")) == files and files
+        assert_identical(before, {"ckpt.pt": load_checkpoint("models/r/ckpt.pt")})
     code, err = run_main(["--run-name", "r", "--epochs", "2", "--resume", "--ema"], capsys, conditional=False)
     assert code == 2 and "trained with --no-ema, not --ema" in err
     # saved without an fp16 scaler (its state is empty), resumed where one is on (a GPU without bf16)
