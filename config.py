@@ -17,7 +17,7 @@ class RunConfig:
     conditional: bool = False
     channels: int = None  # c_in = c_out; None: 1 for the bundled digits, else 3
     base_width: int = 16
-    num_classes: int = 10
+    num_classes: int = None  # None: the dataset's class count, set when the data is read (the digits: 10)
     time_dim: int = 256
     # the diffusion (diffusion.Diffusion)
     noise_steps: int = 1000
@@ -109,7 +109,7 @@ PRESETS = {
     "original": dict(image_size=64, channels=3, base_width=64, prediction="eps", crop="random", batch_size=12,
                      lr=3e-4, adam_beta2=0.999, epochs=500, warmup_steps=0, lr_schedule="constant", grad_clip=0.0,
                      min_snr_gamma=0.0, timesteps="uniform", ema=False, ema_beta=0.995, ema_start=2000,
-                     label_dropout_mode="batch",
+                     label_dropout_mode="batch", num_classes=10,
                      sample_interval=1, n_samples=12, sampler="ddpm", sample_steps=999, cfg_scale=3.0,
                      cfg_min_sigma=0.0, guide_at=0.0),
 }
@@ -120,7 +120,8 @@ CONDITIONAL_PRESETS = {  # ddpm_conditional.py's own differences; CFG guides the
 # settings added to config.json later, and what a run saved without them trained with
 ADDED_LATER = dict(timesteps="uniform", cfg_min_sigma=0.0, adam_beta2=0.999, guide_at=0.0, guide_scale=1.0)
 # what a run of an earlier version (its state.pt "args", no config.json) trained with, where its args are silent
-LEGACY = dict(crop="random", prediction="eps", warmup_steps=0, lr_floor=0.0, grad_clip=0.0, **ADDED_LATER)
+LEGACY = dict(crop="random", prediction="eps", warmup_steps=0, lr_floor=0.0, grad_clip=0.0, num_classes=10,
+              **ADDED_LATER)
 
 
 def guide_epoch(c):
@@ -142,7 +143,7 @@ def validate(c):
     """A UserError naming the option and the fix for any setting that cannot work."""
     for name in ("epochs", "batch_size", "image_size", "base_width", "n_samples", "sample_interval",
                  "sample_steps", "noise_steps", "num_classes"):
-        if getattr(c, name) <= 0:
+        if getattr(c, name) is not None and getattr(c, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(c, name)}")
     if not c.lr > 0:  # written so that NaN fails too
         raise UserError(f"--lr must be positive, got {c.lr}")

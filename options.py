@@ -81,7 +81,8 @@ def parse_args(conditional, argv=None):
     opt("--overwrite", action="store_true", help="replace an existing run of the same name")
     add_machine_options(opt)
     if conditional:
-        opt("--num-classes", type=int, help="label embedding size; at least the dataset's class count")
+        opt("--num-classes", type=int, help="label embedding size, at least the dataset's class count (default: "
+                                            "that count; --preset original: 10)")
         opt("--label-dropout", type=float, help="share of labels dropped for CFG training")
         opt("--label-dropout-mode", choices=("sample", "batch"),
             help="drop labels per sample, or whole batches as the original")

@@ -58,7 +58,7 @@ def test_two_processes_train_and_resume_like_one(tmp_path):
             assert torch.allclose(a, b, atol=5e-4, rtol=1e-3), (f, k)
     state = load_checkpoint(str(tmp_path / "models" / "ddp" / "state.pt"))
     assert state["global_step"] == 2 * (16 // 4)  # 16 images, a global batch of 2 x 2
-    model = load_weights(UNet_conditional(3, 3, num_classes=10, base_width=8), ddp["ema_ckpt.pt"])
+    model = load_weights(UNet_conditional(3, 3, num_classes=2, base_width=8), ddp["ema_ckpt.pt"])  # its 2 classes
     x = Diffusion(noise_steps=50, img_size=8, device="cpu").sample(model, 2, torch.tensor([0, 1]), sampler="ddim",
                                                                    steps=3)
     assert x.shape == (2, 3, 8, 8)

@@ -33,7 +33,7 @@ def test_script_end_to_end(script, conditional, image_folder, tmp_path):
     models = tmp_path / "models" / "tiny"
     for name in ("ckpt.pt", "optim.pt", "state.pt", "ema_ckpt.pt"):  # the default preset keeps an EMA
         assert (models / name).is_file()
-    net = UNet_conditional(3, 3, num_classes=10, base_width=8) if conditional else UNet(3, 3, base_width=8)
+    net = UNet_conditional(3, 3, num_classes=3, base_width=8) if conditional else UNet(3, 3, base_width=8)  # 3 classes
     load_weights(net, torch.load(models / "ckpt.pt"))  # a plain state_dict of CPU tensors
     for epoch in (0, 1):  # the default interval is 10: the first epoch and the last
         assert (tmp_path / "results" / "tiny" / f"{epoch}.jpg").is_file()
@@ -60,7 +60,9 @@ def test_original_preset_is_the_originals():
     assert resolve_args(parse_args(False, []))[0].ema and not resolve_args(parse_args(False, ["--no-ema"]))[0].ema
     c, _ = resolve_args(parse_args(True, ["--preset", "original"]))
     assert (c.batch_size, c.epochs, c.ema_beta, c.ema_start, c.cfg_scale, c.cfg_min_sigma, c.sample_interval,
-            c.n_samples, c.label_dropout_mode, c.ema) == (14, 300, 0.995, 2000, 3.0, 0.0, 10, 10, "batch", True)
+            c.n_samples, c.label_dropout_mode, c.ema, c.num_classes) == (14, 300, 0.995, 2000, 3.0, 0.0, 10, 10,
+                                                                           "batch", True, 10)
+    assert resolve_args(parse_args(True, []))[0].num_classes is None  # the dataset's count, once it is read
     g, _ = resolve_args(parse_args(True, ["--cfg-min-sigma", "0.5"]))
     assert g.cfg_min_sigma == 0.5 and resolve_args(parse_args(True, []))[0].cfg_min_sigma == 1.0
     u, _ = resolve_args(parse_args(True, ["--batch_size", "7"]))  # underscore alias
