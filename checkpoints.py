@@ -55,6 +55,10 @@ def load_checkpoint(path):
     """torch.load with weights_only=True (no pickled code runs), onto the CPU."""
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path} does not exist")
+    with open(path, "rb") as f:
+        magic = f.read(2)
+    if magic != b"PK" and magic[:1] != b"\x80":  # torch.save writes a zip archive (older versions: a pickle)
+        raise UserError(f"checkpoint {path} is not a PyTorch checkpoint: pass a ckpt.pt or ema_ckpt.pt")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:

@@ -359,8 +359,9 @@ def stop_run(run, epoch, step, signum, logger):
     c = run.config
     if run.rank == 0:
         cmd = "ddpm_conditional.py" if c.conditional else "ddpm.py"
+        launcher = f"torchrun --nproc_per_node={run.world}" if run.world > 1 else "python"  # the same global batch
         print(f"saved models/{c.run_name} at epoch {epoch}, step {step}/{run.steps_per_epoch}. Resume with: "
-              f"python {cmd} --run-name {c.run_name} --resume", file=sys.stderr)
+              f"{launcher} {cmd} --run-name {c.run_name} --resume", file=sys.stderr)
     if logger:
         logger.close()
     sys.exit(128 + signum)

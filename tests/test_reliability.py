@@ -130,6 +130,9 @@ def test_pickled_checkpoint_is_refused(tmp_path):
     (tmp_path / "cut.pt").write_bytes(open(path, "rb").read()[:50])
     with pytest.raises(UserError, match="cannot be read"):
         load_checkpoint(str(tmp_path / "cut.pt"))
+    write_images(str(tmp_path / "imgs"), 1)  # an image passed as --ckpt by mistake
+    with pytest.raises(UserError, match="not a PyTorch checkpoint"):
+        load_checkpoint(str(tmp_path / "imgs" / os.listdir(tmp_path / "imgs")[0]))
 
 
 def make_bad_folders(root):
