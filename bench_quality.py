@@ -125,7 +125,8 @@ def recipe_changes(saved, config):
         value = getattr(c, k)
         return os.path.abspath(value) if k == "dataset_path" and value else value
     return [f"{k} {getattr(saved, k)}, not {getattr(config, k)}" for k in keys
-            if setting(saved, k) != setting(config, k)]
+            if setting(saved, k) != setting(config, k)
+            and not (k == "num_classes" and config.num_classes is None)]  # the data's count: dataset_path decides
 
 
 def train_to(config, epochs):

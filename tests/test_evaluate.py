@@ -1,4 +1,5 @@
 """The offline quality measures: Frechet distance, the cached in-domain classifier, the FID path."""
+import dataclasses
 import os
 
 import numpy as np
@@ -216,6 +217,8 @@ def test_bench_quality_never_cuts_a_longer_run_back(tmp_path, monkeypatch):
     assert torch.load(run_dir / "state.pt") == {"epoch": 2}  # the longer run is left as it was
     calls.clear()
     assert bench_quality.train_to(config, 2).run_name == config.run_name and calls == []  # reused
+    trained = dataclasses.replace(config, num_classes=10)  # as training resolved it from the data
+    assert config.num_classes is None and bench_quality.recipe_changes(trained, config) == []
 
 
 def test_fd_on_more_samples_than_references_uses_samples_of_every_label(tmp_path):
