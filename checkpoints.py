@@ -213,10 +213,11 @@ def config_from_weights(sd, ckpt):
         raise UserError(f"--ckpt {ckpt}: not a UNet checkpoint of this project (no inc/down1 weights)")
     width, channels = sd["inc.double_conv.0.weight"].shape[:2]
     conditional = "label_emb.weight" in sd
-    return RunConfig(**{**LEGACY, "cfg_scale": PRESETS["original"]["cfg_scale"], "conditional": conditional,
-                        "channels": int(channels), "base_width": int(width),
-                        "time_dim": int(sd["down1.emb_layer.1.weight"].shape[1]),
-                        "num_classes": int(sd["label_emb.weight"].shape[0]) if conditional else 10})
+    shape = {"conditional": conditional, "channels": int(channels), "base_width": int(width),
+             "time_dim": int(sd["down1.emb_layer.1.weight"].shape[1])}
+    if conditional:
+        shape["num_classes"] = int(sd["label_emb.weight"].shape[0])
+    return RunConfig(**{**LEGACY, "cfg_scale": PRESETS["original"]["cfg_scale"], **shape})
 
 
 def load_model(ckpt, device="cpu"):

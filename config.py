@@ -102,6 +102,8 @@ SECTIONS = {
 # what fixes the network, the diffusion and the data's shape: a resumed run keeps its own
 RUN_DEFINING = SECTIONS["network"] + SECTIONS["diffusion"] + ("image_size",)
 
+ORIGINAL_NUM_CLASSES = 10  # the original's hard-coded count: its preset, and runs saved before it came from the data
+
 # What a preset changes from the defaults above. "default" finishes on a 2-core CPU in minutes on the bundled
 # MNIST digits (docs/quality.md); "original" is the original repo's setup.
 PRESETS = {
@@ -109,7 +111,7 @@ PRESETS = {
     "original": dict(image_size=64, channels=3, base_width=64, prediction="eps", crop="random", batch_size=12,
                      lr=3e-4, adam_beta2=0.999, epochs=500, warmup_steps=0, lr_schedule="constant", grad_clip=0.0,
                      min_snr_gamma=0.0, timesteps="uniform", ema=False, ema_beta=0.995, ema_start=2000,
-                     label_dropout_mode="batch", num_classes=10,
+                     label_dropout_mode="batch", num_classes=ORIGINAL_NUM_CLASSES,
                      sample_interval=1, n_samples=12, sampler="ddpm", sample_steps=999, cfg_scale=3.0,
                      cfg_min_sigma=0.0, guide_at=0.0),
 }
@@ -120,8 +122,8 @@ CONDITIONAL_PRESETS = {  # ddpm_conditional.py's own differences; CFG guides the
 # settings added to config.json later, and what a run saved without them trained with
 ADDED_LATER = dict(timesteps="uniform", cfg_min_sigma=0.0, adam_beta2=0.999, guide_at=0.0, guide_scale=1.0)
 # what a run of an earlier version (its state.pt "args", no config.json) trained with, where its args are silent
-LEGACY = dict(crop="random", prediction="eps", warmup_steps=0, lr_floor=0.0, grad_clip=0.0, num_classes=10,
-              **ADDED_LATER)
+LEGACY = dict(crop="random", prediction="eps", warmup_steps=0, lr_floor=0.0, grad_clip=0.0,
+              num_classes=ORIGINAL_NUM_CLASSES, **ADDED_LATER)
 
 
 def guide_epoch(c):

@@ -227,9 +227,10 @@ class Evaluator:
                             f"this --image-size/--channels, got {images.dtype} {tuple(images.shape[1:])}")
         if len(images) < 2:
             raise UserError(f"FD compares spreads of features: it needs at least 2 samples, got {len(images)}")
-        if labels is not None and int(torch.as_tensor(labels).max()) >= len(self.classes):
-            raise UserError(f"label {int(torch.as_tensor(labels).max())} among the samples, but the dataset "
-                            f"has {len(self.classes)} classes: check --dataset-path")
+        top = None if labels is None else int(torch.as_tensor(labels).max())
+        if top is not None and top >= len(self.classes):
+            raise UserError(f"label {top} among the samples, but the dataset has {len(self.classes)} classes: "
+                            "check --dataset-path")
         logits, feats = self.features(images)
         pred = logits.argmax(1)
         k = min(len(images), len(self.real_a))  # the floor can only use as many real images as A holds

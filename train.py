@@ -292,10 +292,10 @@ def prepare_data(c, rank, world, device):
     if c.num_workers is None:
         c.num_workers = 4 if device.type == "cuda" else 0
     dataloader = get_data(c)
-    if c.num_classes is None:
-        c.num_classes = len(dataloader.dataset.classes)
-    if c.conditional and len(dataloader.dataset.classes) > c.num_classes:
-        raise UserError(f"--dataset-path {c.dataset_path} has {len(dataloader.dataset.classes)} classes but "
+    classes = len(dataloader.dataset.classes)
+    c.num_classes = classes if c.num_classes is None else c.num_classes
+    if c.conditional and classes > c.num_classes:
+        raise UserError(f"--dataset-path {c.dataset_path} has {classes} classes but "
                         f"--num-classes is {c.num_classes}: raise --num-classes")
     return dataloader
 
