@@ -1,13 +1,15 @@
-"""Two CPU choices, measured: OpenMP's wait policy, and bf16 autocast.
+"""Three CPU choices, measured: OpenMP's wait policy, bf16 autocast, and keeping the prepared images in memory.
 
-    python bench_cpu.py            # prints two markdown tables (about 3 minutes on 2 cores)
+    python bench_cpu.py            # prints four markdown tables (about 3 minutes on 2 cores)
 
 OpenMP: the default network's training step (UNet_conditional, width 16, 16x16x1, at batch 64; fused
 AdamW) in fresh processes, on an idle CPU and with two jobs sharing it; libgomp reads its settings once,
 when torch loads it. bf16: the default configuration's and the original's (64x64, width 64, batch 12) training
 step in fp32 and under CPU bf16 autocast, contiguous NCHW both: the input to hardware.autocast_dtype's choice,
 which takes bf16 only on CPUs with AMX; and the 64x64 attention layer's forward and backward in fp32, bf16, and
-as modules.CPUBf16Attention runs it.
+as modules.CPUBf16Attention runs it. Loading: an epoch of the bundled digits as the default run loads them (in
+the training process, centre crop, batch 32), each image read from its file every epoch or kept in memory
+after the first (utils.SeededSamples), beside the training steps of that epoch.
 """
 import argparse
 import os
@@ -56,6 +58,21 @@ for name, fn, dtype in (("SDPA, fp32", sdpa, torch.float32), ("SDPA, bf16", sdpa
     fwd, bwd = sorted(times[1:])[1]
     print(f"| {name} | {1000 * fwd:.0f} ms | {1000 * bwd:.0f} ms |", flush=True)
 """
+LOADING = """
+import sys, time, utils
+from types import SimpleNamespace
+if sys.argv[1] == "files":
+    utils.KEEP_BYTES = 0
+args = SimpleNamespace(dataset_path=utils.prepare_mnist(), image_size=16, channels=1, crop="center", batch_size=32,
+                       seed=0, num_workers=0)
+loader, seconds = utils.get_data(args), []
+for _ in range(3):
+    t0 = time.perf_counter()
+    for _ in loader:
+        pass
+    seconds.append(time.perf_counter() - t0)
+print(seconds[0], min(seconds[1:]), len(loader))
+"""
 DEFAULT = ["16", "1", "16", "64", "0"]  # size, channels, width, batch, bf16
 ORIGINAL = ["64", "3", "64", "12"]
 
@@ -85,3 +102,11 @@ if __name__ == "__main__":
     print("\n| attention of the 64x64 layer, batch 12 (4 heads of 16, 4,096 tokens) | forward | backward |\n"
           "|---|---|---|", flush=True)
     subprocess.run([sys.executable, "-c", ATTENTION], check=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+    print("\n| loading the bundled digits (one epoch) | first epoch | later epochs |\n|---|---|---|")
+    for name, how in (("read from the files every epoch", "files"), ("kept in memory (the default)", "kept")):
+        first, later, steps = (float(v) for v in subprocess.run(
+            [sys.executable, "-c", LOADING, how], check=True, capture_output=True, text=True,
+            cwd=os.path.dirname(os.path.abspath(__file__))).stdout.split())
+        print(f"| {name} | {first:.2f} s | {later:.2f} s |", flush=True)
+    step = ms_per_step({}, 1, 30, DEFAULT[:3] + ["32", str(int(amx))])
+    print(f"| (the training steps of that epoch: {steps:.0f} x {step:.0f} ms) | {steps * step / 1000:.1f} s | |")

@@ -49,9 +49,16 @@ RECIPES = {
     # half the default's width: trained for 468 steps, the autoguidance guide of docs/sampling.md
     "width-8": ("default", dict(base_width=8)),
     "no-guide": ("default", dict(guide_at=0.0)),  # unconditional: without its autoguidance
-    "width-32": ("default", dict(base_width=32)),  # measured on the unconditional default, not adopted
+    # measured on the unconditional default and not adopted (docs/quality.md): a wider network, a slower EMA, a
+    # higher rate, the loss weighted otherwise over the timesteps, the same images in twice the steps
+    "width-24": ("default", dict(base_width=24)),
+    "width-32": ("default", dict(base_width=32)),
     "ema-0.995": ("default", dict(ema_beta=0.995)),
     "lr-5e-3": ("default", dict(lr=5e-3)),
+    "plain-v": ("default", dict(min_snr_gamma=0.0, timesteps="uniform")),
+    "min-snr-10": ("default", dict(min_snr_gamma=10.0)),
+    "min-snr-20": ("default", dict(min_snr_gamma=20.0)),
+    "batch-16": ("default", dict(batch_size=16)),
     # the default before, and changes to it measured and not adopted (docs/quality.md): a higher peak rate, a
     # higher min-SNR gamma, a wider network; with uniform timesteps too, twice the steps, a higher rate, a
     # wider network, more label dropout, a lower min-SNR gamma and a slower EMA
@@ -85,6 +92,7 @@ def build_parser():
     opt("--unconditional", action="store_true", help="ddpm.py's model instead of ddpm_conditional.py's")
     opt("--cfg-scales", help="conditional: comma-separated guidance scales to score each point at (default: "
                               "the run's)")
+    opt("--sample-steps", type=int, help="network evaluations per sample to score with (default: the recipe's)")
     opt("--cfg-min-sigma", type=float, help="conditional: guide only at noise levels above this, 0: at every "
                                             "step (default: the recipe's)")
     opt("--n", type=int, default=50, help="samples per label (unconditional: 10x this in all; default: 50)")
@@ -154,16 +162,17 @@ def train_to(config, epochs):
     return config
 
 
-def score(config, ev, n, device, cfg_scale=None, cfg_min_sigma=None):
+def score(config, ev, n, device, cfg_scale=None, cfg_min_sigma=None, sample_steps=None):
     """The judge's figures for the run's EMA weights (a dict, see quality.Evaluator.evaluate), sampled with
     the recipe's grid settings (a run saved before a sampling default changed is scored with today's),
-    unless a guidance scale or cfg_min_sigma is given."""
+    unless a guidance scale, cfg_min_sigma or number of sampling steps is given."""
     path, model, _, diffusion = load_for_sampling(os.path.join("models", config.run_name), device)
     model, _ = with_guide(model, config, path, device)  # the run's own autoguidance, as sample.py's
     labels = list(range(config.num_classes)) if config.conditional else None
     images, ys = generate(model, diffusion, n if config.conditional else 10 * n, labels,
                           config.cfg_scale if cfg_scale is None else cfg_scale, config.sampler,
-                          config.sample_steps, config.eta, seed=0, progress=False, amp_dtype=autocast_dtype(device),
+                          sample_steps or config.sample_steps, config.eta, seed=0, progress=False,
+                          amp_dtype=autocast_dtype(device),
                           cfg_min_sigma=config.cfg_min_sigma if cfg_min_sigma is None else cfg_min_sigma)
     return ev.evaluate(images, ys)
 
@@ -204,6 +213,8 @@ def bench(a, argv):
     probe = recipe_config(recipes[0], seeds[0], not a.unconditional, dataset_path, folder)
     if a.cfg_min_sigma is not None:
         check_cfg_min_sigma(a.cfg_min_sigma)
+    if a.sample_steps is not None and not 1 <= a.sample_steps < probe.noise_steps:
+        raise UserError(f"--sample-steps {a.sample_steps}: between 1 and {probe.noise_steps - 1}")
     ev = Evaluator(dataset_path, probe.image_size, probe.channels, device,
                    log=lambda s: print(s, file=sys.stderr))
     what = "confident share | class share (min-max)" if a.unconditional else "label acc | worst class"
@@ -226,7 +237,7 @@ def bench(a, argv):
                 steps = epochs * steps_per_epoch
                 secs = time.perf_counter() - t0
                 for cfg_scale in scales or [config.cfg_scale if not a.unconditional else "-"]:
-                    r = score(run, ev, a.n, device, cfg_scale if scales else None, a.cfg_min_sigma)
+                    r = score(run, ev, a.n, device, cfg_scale if scales else None, a.cfg_min_sigma, a.sample_steps)
                     label = recipe if len(scales) < 2 else f"{recipe}, CFG {cfg_scale}"
                     results[(label, seed, steps)], batch_sizes[label] = r, config.batch_size
                     lines.append(row(recipe, seed, steps, cfg_scale, r, secs))

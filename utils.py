@@ -13,6 +13,7 @@ import torchvision.transforms as T
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+KEEP_BYTES = 2**30  # the most a loading process keeps of a dataset's prepared images in memory
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
@@ -134,10 +135,14 @@ def make_dataset(root, image_size, channels, crop):
 class SeededSamples(Dataset):
     """A dataset read by (epoch, index) keys, each sample's random transforms (the random crop) drawn from
     (seed, epoch, index) alone: with any number of workers, and after a resume, every image is cropped as in
-    an uninterrupted run. The process's own RNG is left as it was. Other attributes: the wrapped dataset's."""
+    an uninterrupted run. The process's own RNG is left as it was. Other attributes: the wrapped dataset's.
 
-    def __init__(self, dataset, seed):
+    keep=True, for transforms that draw nothing (the centre crop): each sample is made once and kept in
+    memory, so later epochs skip reading, decoding and resizing its file (bench_cpu.py)."""
+
+    def __init__(self, dataset, seed, keep=False):
         self.dataset, self.seed = dataset, seed
+        self.kept = {} if keep else None
 
     def __len__(self):
         return len(self.dataset)
@@ -149,6 +154,10 @@ class SeededSamples(Dataset):
 
     def __getitem__(self, key):
         epoch, i = key
+        if self.kept is not None:
+            if i not in self.kept:
+                self.kept[i] = self.dataset[i]
+            return self.kept[i]
         with torch.random.fork_rng(devices=[]):
             torch.random.default_generator.manual_seed(((self.seed * 1_000_003 + epoch) * 1_000_033 + i) % 2**63)
             return self.dataset[i]
@@ -198,7 +207,10 @@ def get_data(args, shuffle=True):
     seed = getattr(args, "data_seed", getattr(args, "seed", None))
     sampler = EpochSampler(len(dataset), shuffle, torch.randint(2**31, ()).item() if seed is None else seed,
                            rank, world)
-    dataset = SeededSamples(dataset, sampler.seed)
+    # kept in memory where the training process loads itself (workers load beside it), if it fits
+    keep = (getattr(args, "crop", "random") == "center" and workers == 0
+            and len(dataset) * dataset[0][0].nbytes <= KEEP_BYTES)
+    dataset = SeededSamples(dataset, sampler.seed, keep)
     # the loader's own generator, so that starting an epoch draws nothing from the global RNG (exact resume)
     return DataLoader(
         dataset, batch_size=args.batch_size, sampler=sampler, num_workers=workers,

@@ -1,5 +1,6 @@
 """Issue 2: the original's networks and diffusion process, on any size and any device."""
 import argparse
+import glob
 import os
 
 import pytest
@@ -9,7 +10,7 @@ from conftest import REFERENCE, deterministic_weights, write_images
 from ddpm import Diffusion, to_uint8
 from modules import EMA, UNet, UNet_conditional, set_original_attention
 from checkpoints import load_weights
-from utils import get_data, plot_images, save_images
+from utils import UserError, get_data, plot_images, save_images
 
 
 def reference_keys(name):
@@ -173,6 +174,23 @@ def test_get_data_image_folder_and_flat_folder(image_folder, tmp_path):
     args = argparse.Namespace(dataset_path=flat, image_size=(8, 16), batch_size=5, channels=1)
     images, labels = next(iter(get_data(args)))
     assert images.shape == (5, 1, 8, 16) and labels.tolist() == [0] * 5
+
+
+def test_centre_cropped_images_are_read_from_their_files_once(image_folder):
+    """Later epochs take the kept samples, equal to freshly made ones; random crops are made anew each time."""
+    def loader(crop, workers=0):
+        args = argparse.Namespace(dataset_path=image_folder, image_size=8, batch_size=4, crop=crop, seed=0,
+                                  num_workers=workers)
+        return get_data(args, shuffle=False)
+
+    kept, random_crops = loader("center"), loader("random")
+    first = torch.cat([x for x, _ in kept])
+    assert torch.equal(first, torch.cat([x for x, _ in loader("center", workers=1)]))  # made anew in a worker
+    for image in glob.glob(os.path.join(image_folder, "*", "*.png")):
+        os.remove(image)
+    assert torch.equal(torch.cat([x for x, _ in kept]), first)  # the next epoch: no file left to read
+    with pytest.raises(UserError, match="cannot read image"):
+        next(iter(random_crops))
 
 
 def test_save_and_plot_images_headless(in_tmp, monkeypatch):

@@ -1,4 +1,5 @@
 """The offline quality measures: Frechet distance, the cached in-domain classifier, the FID path."""
+import argparse
 import dataclasses
 import os
 
@@ -219,6 +220,25 @@ def test_bench_quality_never_cuts_a_longer_run_back(tmp_path, monkeypatch):
     assert bench_quality.train_to(config, 2).run_name == config.run_name and calls == []  # reused
     trained = dataclasses.replace(config, num_classes=10)  # as training resolved it from the data
     assert config.num_classes is None and bench_quality.recipe_changes(trained, config) == []
+
+
+def test_bench_quality_scores_with_the_sampling_steps_asked(tmp_path, monkeypatch, capsys):
+    import bench_quality
+
+    config = bench_quality.recipe_config("default", 0, False, None, bench_quality.FOLDER)
+    steps = []
+    monkeypatch.setattr(bench_quality, "load_for_sampling", lambda path, device: (path, "model", None, "diffusion"))
+    monkeypatch.setattr(bench_quality, "with_guide", lambda model, *a: (model, None))
+    monkeypatch.setattr(bench_quality, "generate", lambda *a, **kw: steps.append(a[6]) or (None, None))
+    judge = argparse.Namespace(evaluate=lambda images, labels: {})
+    bench_quality.score(config, judge, 1, torch.device("cpu"))
+    bench_quality.score(config, judge, 1, torch.device("cpu"), sample_steps=7)
+    assert steps == [config.sample_steps, 7]
+    data = make_folder(tmp_path / "data", n_per_class=2)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit:
+        bench_quality.main(["--dataset-path", data, "--sample-steps", "0"])
+    assert exit.value.code == 2 and "--sample-steps 0: between 1 and 999" in capsys.readouterr().err
 
 
 def test_fd_on_more_samples_than_references_uses_samples_of_every_label(tmp_path):
