@@ -122,8 +122,9 @@ CONDITIONAL_PRESETS = {  # ddpm_conditional.py's own differences; CFG guides the
 # settings added to config.json later, and what a run saved without them trained with
 ADDED_LATER = dict(timesteps="uniform", cfg_min_sigma=0.0, adam_beta2=0.999, guide_at=0.0, guide_scale=1.0)
 # what a run of an earlier version (its state.pt "args", no config.json) trained with, where its args are silent
+# (and bare checkpoints, the original's: they sample as they always did here, DDIM-50)
 LEGACY = dict(crop="random", prediction="eps", warmup_steps=0, lr_floor=0.0, grad_clip=0.0,
-              num_classes=ORIGINAL_NUM_CLASSES, **ADDED_LATER)
+              num_classes=ORIGINAL_NUM_CLASSES, sample_steps=50, **ADDED_LATER)
 
 
 def guide_epoch(c):

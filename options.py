@@ -121,6 +121,8 @@ def resolve_args(args):
     else:
         config = dataclasses.replace(preset_config(preset, args.conditional), **explicit)
     config.run_name = run_name
+    if "sample_steps" not in explicit:  # a short --noise-steps shortens the default grid sampling with it
+        config.sample_steps = min(config.sample_steps, config.noise_steps - 1)
     config.ema = config.ema or args.conditional  # the conditional script always keeps one
     if config.channels is None:  # the bundled digits are grayscale; a user's images are taken as RGB
         config.channels = 1 if config.dataset_path is None else 3

@@ -40,7 +40,7 @@ def main():
     p.add_argument("--base-width", type=int, default=16)
     p.add_argument("--n", type=int, default=16)
     p.add_argument("--sampler", default="ddim", choices=["ddpm", "ddim", "dpm++"])
-    p.add_argument("--steps", type=int, default=50, help="ignored by ddpm, which walks all 999 steps")
+    p.add_argument("--steps", type=int, default=100, help="ignored by ddpm, which walks all 999 steps")
     p.add_argument("--prediction", choices=["eps", "v", "x0"], help="default: the run's config.json, else eps")
     p.add_argument("--guide-scale", type=float, default=2.0, help="autoguidance by guide_ckpt.pt; 1: off")
     p.add_argument("--seed", type=int, default=0)

@@ -89,6 +89,15 @@ def test_bare_checkpoints_guide_each_other_at_the_given_noise_steps(tmp_path, ca
     assert "autoguidance 1.5" in stdout
 
 
+def test_the_originals_checkpoints_keep_sampling_with_ddim_50(tmp_path, capsys):
+    """The default preset's unconditional runs sample with 100 steps; a bare checkpoint keeps its 50."""
+    ckpt = make_run(tmp_path / "bare", config=False)
+    code, stdout, stderr = run(["--ckpt", ckpt, "--labels", "0", "--n", "1", "--image-size", "8", "--out",
+                                str(tmp_path / "g.png")], capsys)
+    assert code == 0, stderr
+    assert "ddim 50 steps" in stdout
+
+
 def test_run_folder_unconditional_rgb_and_default_size_without_state(tmp_path, capsys):
     make_run(tmp_path / "run", conditional=False, channels=3, config=False)
     out = tmp_path / "flat"

@@ -264,3 +264,12 @@ def test_amp_follows_the_device_choice(image_folder, in_tmp, monkeypatch, capsys
     assert all(v.dtype == torch.float32 and v.isfinite().all() for v in sds[0].values() if v.is_floating_point())
     assert all(v.is_contiguous() for sd in sds for v in sd.values())  # plain tensors, whatever the training layout
     assert not all(torch.equal(sds[0][k], sds[1][k]) for k in sds[0])
+
+
+def test_a_short_noise_schedule_shortens_the_default_grid_sampling():
+    from options import parse_args, resolve_args
+
+    config, _ = resolve_args(parse_args(False, ["--noise-steps", "100"]))
+    assert config.sample_steps == 99
+    with pytest.raises(UserError, match="--sample-steps must be at most 99, got 200"):
+        resolve_args(parse_args(False, ["--noise-steps", "100", "--sample-steps", "200"]))
