@@ -28,7 +28,7 @@ import torch
 
 import train
 from checkpoints import load_checkpoint, load_config
-from config import SECTIONS, check_cfg_min_sigma, preset_config, validate
+from config import SECTIONS, check_cfg_min_sigma, check_corrector_snr, preset_config, validate
 from hardware import autocast_dtype, pick_device
 from quality import Evaluator
 from sampling import generate, load_for_sampling, with_guide
@@ -93,6 +93,7 @@ def build_parser():
     opt("--cfg-scales", help="conditional: comma-separated guidance scales to score each point at (default: "
                               "the run's)")
     opt("--sample-steps", type=int, help="network evaluations per sample to score with (default: the recipe's)")
+    opt("--corrector-snr", type=float, help="score with this Langevin corrector (0: none; default: the recipe's)")
     opt("--cfg-min-sigma", type=float, help="conditional: guide only at noise levels above this, 0: at every "
                                             "step (default: the recipe's)")
     opt("--n", type=int, default=50, help="samples per label (unconditional: 10x this in all; default: 50)")
@@ -162,10 +163,10 @@ def train_to(config, epochs):
     return config
 
 
-def score(config, ev, n, device, cfg_scale=None, cfg_min_sigma=None, sample_steps=None):
+def score(config, ev, n, device, cfg_scale=None, cfg_min_sigma=None, sample_steps=None, corrector_snr=None):
     """The judge's figures for the run's EMA weights (a dict, see quality.Evaluator.evaluate), sampled with
     the recipe's grid settings (a run saved before a sampling default changed is scored with today's),
-    unless a guidance scale, cfg_min_sigma or number of sampling steps is given."""
+    unless a guidance scale, cfg_min_sigma, number of sampling steps or corrector is given."""
     path, model, _, diffusion = load_for_sampling(os.path.join("models", config.run_name), device)
     model, _ = with_guide(model, config, path, device)  # the run's own autoguidance, as sample.py's
     labels = list(range(config.num_classes)) if config.conditional else None
@@ -173,7 +174,8 @@ def score(config, ev, n, device, cfg_scale=None, cfg_min_sigma=None, sample_step
                           config.cfg_scale if cfg_scale is None else cfg_scale, config.sampler,
                           sample_steps or config.sample_steps, config.eta, seed=0, progress=False,
                           amp_dtype=autocast_dtype(device),
-                          cfg_min_sigma=config.cfg_min_sigma if cfg_min_sigma is None else cfg_min_sigma)
+                          cfg_min_sigma=config.cfg_min_sigma if cfg_min_sigma is None else cfg_min_sigma,
+                          corrector_snr=config.corrector_snr if corrector_snr is None else corrector_snr)
     return ev.evaluate(images, ys)
 
 
@@ -213,6 +215,8 @@ def bench(a, argv):
     probe = recipe_config(recipes[0], seeds[0], not a.unconditional, dataset_path, folder)
     if a.cfg_min_sigma is not None:
         check_cfg_min_sigma(a.cfg_min_sigma)
+    if a.corrector_snr is not None:
+        check_corrector_snr(a.corrector_snr)
     if a.sample_steps is not None and not 1 <= a.sample_steps < probe.noise_steps:
         raise UserError(f"--sample-steps {a.sample_steps}: between 1 and {probe.noise_steps - 1}")
     ev = Evaluator(dataset_path, probe.image_size, probe.channels, device,
@@ -237,7 +241,8 @@ def bench(a, argv):
                 steps = epochs * steps_per_epoch
                 secs = time.perf_counter() - t0
                 for cfg_scale in scales or [config.cfg_scale if not a.unconditional else "-"]:
-                    r = score(run, ev, a.n, device, cfg_scale if scales else None, a.cfg_min_sigma, a.sample_steps)
+                    r = score(run, ev, a.n, device, cfg_scale if scales else None, a.cfg_min_sigma, a.sample_steps,
+                              a.corrector_snr)
                     label = recipe if len(scales) < 2 else f"{recipe}, CFG {cfg_scale}"
                     results[(label, seed, steps)], batch_sizes[label] = r, config.batch_size
                     lines.append(row(recipe, seed, steps, cfg_scale, r, secs))

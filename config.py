@@ -56,6 +56,7 @@ class RunConfig:
     cfg_scale: float = 1.5
     cfg_min_sigma: float = 1.0  # guidance only where sigma_t > this, t >= 259 (0: at every step, as the original)
     guide_scale: float = 2.0  # autoguidance by guide_ckpt.pt, where the run has one (1: off; sampling.with_guide)
+    corrector_snr: float = 0.3  # a Langevin corrector step after each sampling step (0: none; docs/sampling.md)
     # the run and this machine
     run_name: str = None
     preset: str = "default"
@@ -96,7 +97,7 @@ SECTIONS = {
                  "min_snr_gamma", "timesteps", "ema", "ema_beta", "ema_start", "guide_at",
                  "label_dropout", "label_dropout_mode", "seed", "data_seed"),
     "sample_grids": ("sample_interval", "n_samples", "sampler", "sample_steps", "eta", "cfg_scale",
-                     "cfg_min_sigma", "guide_scale"),
+                     "cfg_min_sigma", "guide_scale", "corrector_snr"),
     "run": ("run_name", "preset", "device", "num_workers", "compile", "cuda_graphs", "amp"),
 }
 # what fixes the network, the diffusion and the data's shape: a resumed run keeps its own
@@ -113,14 +114,15 @@ PRESETS = {
                      min_snr_gamma=0.0, timesteps="uniform", ema=False, ema_beta=0.995, ema_start=2000,
                      label_dropout_mode="batch", num_classes=ORIGINAL_NUM_CLASSES,
                      sample_interval=1, n_samples=12, sampler="ddpm", sample_steps=999, cfg_scale=3.0,
-                     cfg_min_sigma=0.0, guide_at=0.0),
+                     cfg_min_sigma=0.0, guide_at=0.0, corrector_snr=0.0),
 }
 CONDITIONAL_PRESETS = {  # ddpm_conditional.py's own differences; CFG guides them (docs/sampling.md)
-    "default": dict(n_samples=80, guide_at=0.0, sample_steps=50),
+    "default": dict(n_samples=80, guide_at=0.0, sample_steps=50, corrector_snr=0.0),
     "original": dict(batch_size=14, epochs=300, sample_interval=10, n_samples=10, ema=True),
 }
 # settings added to config.json later, and what a run saved without them trained with
-ADDED_LATER = dict(timesteps="uniform", cfg_min_sigma=0.0, adam_beta2=0.999, guide_at=0.0, guide_scale=1.0)
+ADDED_LATER = dict(timesteps="uniform", cfg_min_sigma=0.0, adam_beta2=0.999, guide_at=0.0, guide_scale=1.0,
+                   corrector_snr=0.0)
 # what a run of an earlier version (its state.pt "args", no config.json) trained with, where its args are silent
 # (and bare checkpoints, the original's: they sample as they always did here, DDIM-50)
 LEGACY = dict(crop="random", prediction="eps", warmup_steps=0, lr_floor=0.0, grad_clip=0.0,
@@ -140,6 +142,12 @@ def preset_config(preset, conditional):
 def check_cfg_min_sigma(value):
     if not value >= 0:  # also NaN
         raise UserError(f"--cfg-min-sigma must be >= 0 (0: guidance at every step), got {value}")
+
+
+def check_corrector_snr(value):
+    if not 0 <= value < 1:  # also NaN
+        raise UserError(f"--corrector-snr must lie in [0, 1) (0: no corrector; 0.3: the unconditional default), "
+                        f"got {value}")
 
 
 def validate(c):
@@ -183,6 +191,7 @@ def validate(c):
         raise UserError(f"--sampler {c.sampler} / --prediction {c.prediction}: choose from "
                         f"{', '.join(SAMPLERS)} / {', '.join(PREDICTIONS)}")
     check_cfg_min_sigma(c.cfg_min_sigma)
+    check_corrector_snr(c.corrector_snr)
     if c.sampler == "ddpm":
         c.sample_steps = c.noise_steps - 1
     elif c.sample_steps > c.noise_steps - 1:

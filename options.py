@@ -23,6 +23,8 @@ def add_grid_options(opt, conditional):
                                                  "t >= 259); 0: at every step")
     opt("--guide-scale", type=float, help="autoguidance scale for the grids, sample.py and evaluate.py once the "
                                           "run has its guide (--guide-at); 1: off")
+    opt("--corrector-snr", type=float, help="a Langevin corrector step after each grid sampling step, of this "
+                                            "step-to-noise ratio (0: none)")
 
 
 def add_machine_options(opt):

@@ -105,7 +105,7 @@ def main(argv=None):
         ckpt, model, config, labels, diffusion, as_dir = resolve(a)
         images, ys = generate(model, diffusion, a.n, labels, a.cfg_scale, a.sampler, a.steps, a.eta, a.seed,
                               a.batch_size, not a.no_progress, autocast_dtype(diffusion.device, a.amp),
-                              cfg_min_sigma=a.cfg_min_sigma)
+                              cfg_min_sigma=a.cfg_min_sigma, corrector_snr=a.corrector_snr)
         nrow = a.n if labels is not None and a.n <= 16 else min(16, len(images))
         write(images, ys, a.out, as_dir, nrow)
     except UserError as e:
@@ -113,7 +113,8 @@ def main(argv=None):
         sys.exit(2)
     what = f"labels {','.join(map(str, labels))}" if labels is not None else "unconditional"
     guided = f", {a.guided}" if a.guided else ""
-    print(f"wrote {len(images)} images ({what}, {a.sampler} {a.steps} steps{guided}) to {a.out}")
+    corrected = f", corrector {a.corrector_snr}" if a.corrector_snr else ""
+    print(f"wrote {len(images)} images ({what}, {a.sampler} {a.steps} steps{guided}{corrected}) to {a.out}")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import re
 import torch
 
 from checkpoints import GUIDE_FILE, load_config, load_model, resolve_ckpt
-from config import SECTIONS, check_cfg_min_sigma
+from config import SECTIONS, check_cfg_min_sigma, check_corrector_snr
 from diffusion import SAMPLERS
 from hardware import autocast
 from modules import Autoguided
@@ -47,6 +47,8 @@ def add_sampling_options(opt):
                         "(default: the run's own guide_ckpt.pt, where it has one; docs/sampling.md)")
     opt("--guide-scale", type=float, help="autoguidance: torch.lerp(guide, model, scale), 1: off (default: the "
                                           f"run's guide_scale with its own guide, {OTHER_GUIDE_SCALE} with --guide)")
+    opt("--corrector-snr", type=float, help="a Langevin corrector step after each step, of this step-to-noise "
+                                            "ratio; twice the evaluations (0: none; default: the run's, with its sampler)")
     opt("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     opt("--amp", action=argparse.BooleanOptionalAction, default=True,
         help="bf16 autocast on CUDA and AMX CPUs (fp16 on CUDA without bf16); --no-amp: fp32")
@@ -67,6 +69,9 @@ def resolve_sampling(a, config):
     if a.eta is not None and a.eta < 0:
         raise UserError(f"--eta must be >= 0, got {a.eta}")
     a.eta = config.eta if a.eta is None else a.eta
+    if a.corrector_snr is None:  # the run's corrector goes with its own sampler, not with a deterministic one
+        a.corrector_snr = config.corrector_snr if same_sampler and a.eta > 0 else 0.0
+    check_corrector_snr(a.corrector_snr)
     resolve_guidance(a, config)
 
 
@@ -131,7 +136,7 @@ def labels_for(config, text, ckpt="the checkpoint"):
 
 
 def generate(model, diffusion, n, labels=None, cfg_scale=3.0, sampler="ddim", steps=None, eta=1.0,
-             seed=None, batch_size=500, progress=True, amp_dtype=None, cfg_min_sigma=0.0):
+             seed=None, batch_size=500, progress=True, amp_dtype=None, cfg_min_sigma=0.0, corrector_snr=0.0):
     """n images per label (or n in all without labels) as uint8 (N, C, H, W), label-major, and their labels
     (None for an unconditional model). The same seed and batch size give the same images. amp_dtype: the
     network runs under that autocast (hardware.autocast_dtype), None for fp32."""
@@ -144,5 +149,6 @@ def generate(model, diffusion, n, labels=None, cfg_scale=3.0, sampler="ddim", st
         y = all_labels[i:i + b] if all_labels is not None else None
         with autocast(diffusion.device, amp_dtype):
             out.append(diffusion.sample(model, b, y, cfg_scale=cfg_scale, sampler=sampler, steps=steps, eta=eta,
-                                        generator=g, progress=progress, cfg_min_sigma=cfg_min_sigma).cpu())
+                                        generator=g, progress=progress, cfg_min_sigma=cfg_min_sigma,
+                                        corrector_snr=corrector_snr).cpu())
     return torch.cat(out), all_labels

@@ -3,7 +3,8 @@
     python examples/sample_unconditional.py --ckpt models/DDPM_Unconditional_mnist/ema_ckpt.pt
 
 The defaults fit the default `python ddpm.py` run (16x16 grayscale, width 16). Where the run saved its
-autoguidance guide (guide_ckpt.pt beside the checkpoint), the samples are guided by it. Without a display the
+autoguidance guide (guide_ckpt.pt beside the checkpoint), the samples are guided by it, and each sampling step
+is followed by a Langevin corrector step, as the run's own grids are. Without a display the
 row is saved under results/plots/ and its path printed.
 """
 import argparse
@@ -43,6 +44,8 @@ def main():
     p.add_argument("--steps", type=int, default=100, help="ignored by ddpm, which walks all 999 steps")
     p.add_argument("--prediction", choices=["eps", "v", "x0"], help="default: the run's config.json, else eps")
     p.add_argument("--guide-scale", type=float, default=2.0, help="autoguidance by guide_ckpt.pt; 1: off")
+    p.add_argument("--corrector-snr", type=float, default=0.3, help="a Langevin corrector step after each "
+                                                                   "step, as the default run's grids; 0: none")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--title", default="unconditional")
     args = p.parse_args()
@@ -61,7 +64,7 @@ def main():
     diffusion = Diffusion(img_size=args.image_size, device="cpu", prediction=prediction)
     x = diffusion.sample(model, n=args.n, sampler=args.sampler,
                          steps=None if args.sampler == "ddpm" else args.steps,
-                         generator=torch.Generator().manual_seed(args.seed))
+                         corrector_snr=args.corrector_snr, generator=torch.Generator().manual_seed(args.seed))
     plot_images(x, args.title)
 
 

@@ -165,6 +165,7 @@ def make_bad_folders(root):
     (["--cfg-min-sigma", "-1"], "--cfg-min-sigma must be >= 0"),
     (["--guide-at", "1"], "--guide-at must lie in [0, 1)"),
     (["--guide-scale", "0"], "--guide-scale must be positive"),
+    (["--corrector-snr", "-0.1"], "--corrector-snr must lie in [0, 1)"),
     (["--device", "tpu"], "--device tpu"),
     (["--device", "cuda"], "CUDA is not available"),
     (["--resume", "--run-name", "never"], "nothing to resume in models/never"),

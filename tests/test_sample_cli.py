@@ -146,7 +146,7 @@ def test_amp_flag_sets_the_networks_precision(tmp_path, capsys, monkeypatch):
 
 @pytest.mark.parametrize("case", ["missing", "label_range", "uncond_labels", "size", "unwritable", "bad_labels",
                                   "ddpm_steps", "cfg_min_sigma", "guide_kind", "guide_scale_alone",
-                                  "read_only_format"])
+                                  "read_only_format", "corrector_snr"])
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys, case):
     cond = make_run(tmp_path / "cond")
     uncond = make_run(tmp_path / "uncond", conditional=False)
@@ -165,6 +165,7 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys, ca
         "cfg_min_sigma": ["--ckpt", cond, "--cfg-min-sigma", "-1"],
         "guide_kind": ["--ckpt", cond, "--guide", uncond],
         "guide_scale_alone": ["--ckpt", cond, "--guide-scale", "2"],
+        "corrector_snr": ["--ckpt", uncond, "--corrector-snr", "1"],
     }[case]
     before = sorted(os.listdir(tmp_path))
     code, stdout, stderr = run(argv + (["--out", out] if "--out" not in argv else []), capsys)
@@ -212,3 +213,18 @@ def test_script_runs_as_a_program(tmp_path):
                           "--out", str(tmp_path / "b.png")], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "0-2" in bad.stderr
     assert not (tmp_path / "b.png").exists()
+
+
+def test_the_runs_corrector_goes_with_its_own_stochastic_sampler():
+    from sampling import resolve_sampling
+
+    config = RunConfig(noise_steps=20, sampler="ddim", sample_steps=10, eta=1.0, corrector_snr=0.3)
+
+    def resolved(**given):
+        a = sample.build_parser().parse_args(["--ckpt", "x", *[f"--{k.replace('_', '-')}={v}" for k, v in given.items()]])
+        resolve_sampling(a, config)
+        return a.corrector_snr
+
+    assert resolved() == 0.3 and resolved(corrector_snr=0.1) == 0.1
+    assert resolved(sampler="dpm++") == 0 and resolved(eta=0) == 0  # deterministic ones stay deterministic
+    assert resolved(sampler="dpm++", corrector_snr=0.2) == 0.2  # unless asked

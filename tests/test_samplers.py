@@ -194,6 +194,43 @@ def test_guidance_interval_guides_only_above_cfg_min_sigma():
     assert int((((1 - full.alpha_hat) / full.alpha_hat).sqrt() > 1).nonzero()[0]) == 259
 
 
+def test_langevin_corrector_steps_keep_the_marginal_they_are_run_at():
+    """Data at a single point: x_t ~ N(0, 1 - alpha_hat_t) and the exact eps is x / sqrt(1 - alpha_hat_t).
+    Started twice too wide (or too narrow), corrector steps alone must bring the spread back to the marginal's
+    (at snr 0.3 within the step's own bias, about 5% too wide)."""
+    d = Diffusion(img_size=8, device="cpu")
+    t = torch.full((500,), 300)
+    sigma = float((1 - d.alpha_hat[300]).sqrt())
+    g = torch.Generator().manual_seed(0)
+    for start in (2.0, 0.5):
+        x = start * sigma * torch.randn(500, 1, 16, 16, generator=g)
+        for _ in range(100):
+            x = d.langevin_step(x, t, x / sigma, 0.3, torch.randn(x.shape, generator=g))
+        assert abs(float(x.std()) / sigma - 1) < 0.1, (start, float(x.std()) / sigma)
+
+
+def test_the_corrector_runs_between_the_steps_at_the_level_reached():
+    d = Diffusion(noise_steps=50, img_size=8, device="cpu")
+    model = tiny(False)
+    calls = []
+    model.register_forward_pre_hook(lambda m, args: calls.append(int(args[1][0])))
+    xT = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+
+    def sample(**kw):
+        calls.clear()
+        return d.sample(model, 2, sampler="ddim", steps=4, noise=xT, progress=False, raw=True,
+                        generator=torch.Generator().manual_seed(3), **kw)
+
+    plain = sample()
+    steps = list(calls)
+    assert torch.equal(sample(corrector_snr=0.0), plain)
+    corrected = sample(corrector_snr=0.3)
+    ts, ts_prev = d.timesteps(4)
+    # each step at t, then the corrector at the level it reached; none after the last step
+    assert steps == ts and calls == [t for pair in zip(ts, ts_prev) for t in pair][:-1]
+    assert not torch.allclose(corrected, plain)
+
+
 @pytest.mark.parametrize("conditional", [False, True])
 def test_autoguided_output_extrapolates_from_the_guide(conditional):
     from modules import Autoguided
