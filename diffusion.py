@@ -209,10 +209,10 @@ class Diffusion:
 
     def langevin_step(self, x, t, eps, snr, noise):
         """One Langevin corrector step at level t (Song et al. 2021, "Score-Based Generative Modeling through
-        Stochastic Differential Equations", Algorithm 5, per sample): x moves along the score -eps / sigma_t
-        and takes fresh noise, with the step size that makes the move snr times the noise's norm. Repeated,
-        it would draw from the model's own density at t: it pulls a sample that the last step left between
-        modes toward one, which a poorly trained model's reverse steps do not correct alone."""
+        Stochastic Differential Equations", Algorithm 5, per sample): x moves along the score
+        -eps / sqrt(1 - alpha_hat_t) and takes fresh noise, the step sized so that the move is about snr times
+        the noise added. Repeated, such steps draw from the model's own density at t: they pull a sample that
+        the last step left between modes toward one, which a poorly trained model's reverse steps do not."""
         score = -eps / _at(1 - self.alpha_hat, t, x).sqrt()
         ratio = noise.flatten(1).norm(dim=1) / score.flatten(1).norm(dim=1)
         step = 2 * _at(self.alpha, t, x) * (snr * ratio).square().view(-1, *([1] * (x.dim() - 1)))
@@ -260,6 +260,7 @@ class Diffusion:
         clip = kind.clip if clip is None else clip
         was_training = model.training
         model.eval()
+
         def eps_at(x, t_int):
             t = torch.full((n,), t_int, device=device, dtype=torch.long)
             guided = noise_level[t_int] > cfg_min_sigma
