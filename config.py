@@ -146,8 +146,8 @@ def check_cfg_min_sigma(value):
 
 def check_corrector_snr(value):
     if not 0 <= value < 1:  # also NaN
-        raise UserError(f"--corrector-snr must lie in [0, 1) (0: no corrector; 0.3: the unconditional default), "
-                        f"got {value}")
+        raise UserError(f"--corrector-snr must lie in [0, 1) (0: no corrector; {RunConfig.corrector_snr}: the "
+                        f"unconditional default), got {value}")
 
 
 def validate(c):

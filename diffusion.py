@@ -261,23 +261,23 @@ class Diffusion:
         was_training = model.training
         model.eval()
 
-        def eps_at(x, t_int):
-            t = torch.full((n,), t_int, device=device, dtype=torch.long)
-            guided = noise_level[t_int] > cfg_min_sigma
-            return t, self.predict_noise(model, x, t, labels, cfg_scale if guided else 0, batched_cfg)
+        def eps_at(x, t, level):  # level: t's value, read without a device sync
+            guided = noise_level[level] > cfg_min_sigma
+            return self.predict_noise(model, x, t, labels, cfg_scale if guided else 0, batched_cfg)
 
         try:
             x = randn() if noise is None else noise.to(device)
             for i, (t_now, t_prev) in enumerate(tqdm(list(zip(ts, ts_prev)), desc=sampler, disable=not progress,
                                                      leave=False)):
                 last = i == len(ts) - 1
-                t, eps = eps_at(x, t_now)
+                t = torch.full((n,), t_now, device=device, dtype=torch.long)
+                t_next = torch.full_like(t, t_prev)
+                eps = eps_at(x, t, t_now)
                 if clip:
                     eps = self.clip_eps(x, t, eps)
-                x = stepper.step(x, t, torch.full_like(t, t_prev), eps, last, randn)
+                x = stepper.step(x, t, t_next, eps, last, randn)
                 if corrector_snr and not last:
-                    t, eps = eps_at(x, t_prev)
-                    x = self.langevin_step(x, t, eps, corrector_snr, randn())
+                    x = self.langevin_step(x, t_next, eps_at(x, t_next, t_prev), corrector_snr, randn())
         finally:  # restored as found, also when interrupted
             model.train(was_training)
         return x if raw else to_uint8(x)
