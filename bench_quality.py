@@ -96,7 +96,11 @@ def build_parser():
     opt("--corrector-snr", type=float, help="score with this Langevin corrector (0: none; default: the recipe's)")
     opt("--cfg-min-sigma", type=float, help="conditional: guide only at noise levels above this, 0: at every "
                                             "step (default: the recipe's)")
+    opt("--clip", action=argparse.BooleanOptionalAction, help="clip each step's x0 prediction to the data range "
+                                                              "(default: the recipe's)")
     opt("--n", type=int, default=50, help="samples per label (unconditional: 10x this in all; default: 50)")
+    opt("--draws", type=int, default=1, help="score this many draws of samples (seeds 0, 1, ...) and print "
+                                             "their mean: FD at 500 samples varies by draw (default: 1)")
     opt("--dataset-path", help="an ImageFolder (default: the bundled MNIST digits)")
     opt("--device", default="auto", help="default: auto")
     opt("--plot", help="also plot label accuracy (or confident share) and FD against steps to this PNG")
@@ -163,20 +167,37 @@ def train_to(config, epochs):
     return config
 
 
-def score(config, ev, n, device, cfg_scale=None, cfg_min_sigma=None, sample_steps=None, corrector_snr=None):
-    """The judge's figures for the run's EMA weights (a dict, see quality.Evaluator.evaluate), sampled with
-    the recipe's grid settings (a run saved before a sampling default changed is scored with today's),
-    unless a guidance scale, cfg_min_sigma, number of sampling steps or corrector is given."""
-    path, model, _, diffusion = load_for_sampling(os.path.join("models", config.run_name), device)
+def score(config, ev, n, device, cfg_scale=None, cfg_min_sigma=None, sample_steps=None, corrector_snr=None,
+          clip=None, seed=0):
+    """The judge's figures for the run's EMA weights (a dict, see quality.Evaluator.evaluate), sampled from
+    the noises of `seed` with the recipe's grid settings (a run saved before a sampling default changed is
+    scored with today's), unless a guidance scale, cfg_min_sigma, number of sampling steps, corrector or clip
+    is given."""
+    path, model, saved, diffusion = load_for_sampling(os.path.join("models", config.run_name), device)
     model, _ = with_guide(model, config, path, device)  # the run's own autoguidance, as sample.py's
-    labels = list(range(config.num_classes)) if config.conditional else None
+    # the saved config knows the class count (a recipe's is None until its data is read in training)
+    labels = list(range(saved.num_classes)) if config.conditional else None
     images, ys = generate(model, diffusion, n if config.conditional else 10 * n, labels,
                           config.cfg_scale if cfg_scale is None else cfg_scale, config.sampler,
-                          sample_steps or config.sample_steps, config.eta, seed=0, progress=False,
+                          sample_steps or config.sample_steps, config.eta, seed=seed, progress=False,
                           amp_dtype=autocast_dtype(device),
                           cfg_min_sigma=config.cfg_min_sigma if cfg_min_sigma is None else cfg_min_sigma,
-                          corrector_snr=config.corrector_snr if corrector_snr is None else corrector_snr)
+                          corrector_snr=config.corrector_snr if corrector_snr is None else corrector_snr,
+                          clip=config.clip if clip is None else clip)
     return ev.evaluate(images, ys)
+
+
+def mean_of(draws):
+    """One result from the results of several draws: each figure's mean, per class too; histograms summed."""
+    out = dict(draws[0])
+    for key, value in out.items():
+        if key == "histogram":
+            out[key] = [sum(h) for h in zip(*(d[key] for d in draws))]
+        elif isinstance(value, dict):
+            out[key] = {c: sum(d[key][c] for d in draws) / len(draws) for c in value}
+        elif isinstance(value, float):
+            out[key] = sum(d[key] for d in draws) / len(draws)
+    return out
 
 
 def row(recipe, seed, steps, cfg_scale, r, secs):
@@ -207,9 +228,9 @@ def bench(a, argv):
         raise UserError(f"--seeds {a.seeds} / --steps {a.steps} / --cfg-scales {a.cfg_scales}: comma-separated "
                         "numbers, e.g. --seeds 0,1,2 --steps 250,500") from None
     unknown = [r for r in recipes if r not in RECIPES]
-    if unknown or min(points) <= 0 or a.n <= 0:
-        raise UserError(f"--recipes {a.recipes} / --steps {a.steps} / --n {a.n}: recipes from "
-                        f"{', '.join(RECIPES)}, positive steps and --n")
+    if unknown or min(points) <= 0 or a.n <= 0 or a.draws <= 0:
+        raise UserError(f"--recipes {a.recipes} / --steps {a.steps} / --n {a.n} / --draws {a.draws}: recipes from "
+                        f"{', '.join(RECIPES)}, positive steps, --n and --draws")
     device = pick_device(a.device)
     dataset_path, folder = a.dataset_path or prepare_mnist(), run_folder(a.dataset_path)
     probe = recipe_config(recipes[0], seeds[0], not a.unconditional, dataset_path, folder)
@@ -241,8 +262,8 @@ def bench(a, argv):
                 steps = epochs * steps_per_epoch
                 secs = time.perf_counter() - t0
                 for cfg_scale in scales or [config.cfg_scale if not a.unconditional else "-"]:
-                    r = score(run, ev, a.n, device, cfg_scale if scales else None, a.cfg_min_sigma, a.sample_steps,
-                              a.corrector_snr)
+                    r = mean_of([score(run, ev, a.n, device, cfg_scale if scales else None, a.cfg_min_sigma,
+                                       a.sample_steps, a.corrector_snr, a.clip, seed=draw) for draw in range(a.draws)])
                     label = recipe if len(scales) < 2 else f"{recipe}, CFG {cfg_scale}"
                     results[(label, seed, steps)], batch_sizes[label] = r, config.batch_size
                     lines.append(row(recipe, seed, steps, cfg_scale, r, secs))

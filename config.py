@@ -53,10 +53,11 @@ class RunConfig:
     sampler: str = "ddim"
     sample_steps: int = 100  # autoguided samples gain from 100 (docs/sampling.md); CFG'd ones are done at 50
     eta: float = 1.0
-    cfg_scale: float = 1.5
+    cfg_scale: float = 1.6
     cfg_min_sigma: float = 1.0  # guidance only where sigma_t > this, t >= 259 (0: at every step, as the original)
     guide_scale: float = 2.0  # autoguidance by guide_ckpt.pt, where the run has one (1: off; sampling.with_guide)
     corrector_snr: float = 0.3  # a Langevin corrector step after each sampling step (0: none; docs/sampling.md)
+    clip: bool = False  # clip each x0 prediction to [-1, 1] (None: the sampler's own, ddim and dpm++ clip)
     # the run and this machine
     run_name: str = None
     preset: str = "default"
@@ -97,7 +98,7 @@ SECTIONS = {
                  "min_snr_gamma", "timesteps", "ema", "ema_beta", "ema_start", "guide_at",
                  "label_dropout", "label_dropout_mode", "seed", "data_seed"),
     "sample_grids": ("sample_interval", "n_samples", "sampler", "sample_steps", "eta", "cfg_scale",
-                     "cfg_min_sigma", "guide_scale", "corrector_snr"),
+                     "cfg_min_sigma", "guide_scale", "corrector_snr", "clip"),
     "run": ("run_name", "preset", "device", "num_workers", "compile", "cuda_graphs", "amp"),
 }
 # what fixes the network, the diffusion and the data's shape: a resumed run keeps its own
@@ -114,7 +115,7 @@ PRESETS = {
                      min_snr_gamma=0.0, timesteps="uniform", ema=False, ema_beta=0.995, ema_start=2000,
                      label_dropout_mode="batch", num_classes=ORIGINAL_NUM_CLASSES,
                      sample_interval=1, n_samples=12, sampler="ddpm", sample_steps=999, cfg_scale=3.0,
-                     cfg_min_sigma=0.0, guide_at=0.0, corrector_snr=0.0),
+                     cfg_min_sigma=0.0, guide_at=0.0, corrector_snr=0.0, clip=None),
 }
 CONDITIONAL_PRESETS = {  # ddpm_conditional.py's own differences; CFG guides them (docs/sampling.md)
     "default": dict(n_samples=80, guide_at=0.0, sample_steps=50, corrector_snr=0.0),
@@ -122,7 +123,7 @@ CONDITIONAL_PRESETS = {  # ddpm_conditional.py's own differences; CFG guides the
 }
 # settings added to config.json later, and what a run saved without them trained with
 ADDED_LATER = dict(timesteps="uniform", cfg_min_sigma=0.0, adam_beta2=0.999, guide_at=0.0, guide_scale=1.0,
-                   corrector_snr=0.0)
+                   corrector_snr=0.0, clip=None)
 # what a run of an earlier version (its state.pt "args", no config.json) trained with, where its args are silent
 # (and bare checkpoints, the original's: they sample as they always did here, DDIM-50)
 LEGACY = dict(crop="random", prediction="eps", warmup_steps=0, lr_floor=0.0, grad_clip=0.0,

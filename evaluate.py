@@ -83,7 +83,7 @@ def samples_from_checkpoint(a, device):
         print(f"sampling with {guided}", file=sys.stderr)
     images, ys = generate(model, diffusion, a.n, labels, a.cfg_scale, a.sampler, a.steps, a.eta, a.seed,
                           amp_dtype=autocast_dtype(device, a.amp), cfg_min_sigma=a.cfg_min_sigma,
-                          corrector_snr=a.corrector_snr)
+                          corrector_snr=a.corrector_snr, clip=a.clip)
     return images, ys, config.channels, config.dataset_path
 
 

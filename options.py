@@ -25,6 +25,9 @@ def add_grid_options(opt, conditional):
                                           "run has its guide (--guide-at); 1: off")
     opt("--corrector-snr", type=float, help="a Langevin corrector step after each grid sampling step, of this "
                                             "step-to-noise ratio (0: none)")
+    opt("--clip", action=argparse.BooleanOptionalAction, help="clip each x0 prediction of the grids' sampler to "
+                                                              "the data range (default: the preset's with its "
+                                                              "sampler, else the sampler's own)")
 
 
 def add_machine_options(opt):
@@ -119,9 +122,12 @@ def resolve_args(args):
             if k in explicit and explicit[k] != getattr(saved, k):
                 raise UserError(f"--resume: run {run_name} was trained with {spelled(k, getattr(saved, k))}, "
                                 f"not {spelled(k, explicit[k])}: drop the option or start a new run")
-        config = dataclasses.replace(saved, **explicit)
+        base = saved
     else:
-        config = dataclasses.replace(preset_config(preset, args.conditional), **explicit)
+        base = preset_config(preset, args.conditional)
+    config = dataclasses.replace(base, **explicit)
+    if (config.sampler, config.eta) != (base.sampler, base.eta) and "clip" not in explicit:
+        config.clip = None  # the preset's clip goes with its sampler and eta; another takes the sampler's own
     config.run_name = run_name
     if "sample_steps" not in explicit:  # a short --noise-steps shortens the default grid sampling with it
         config.sample_steps = min(config.sample_steps, config.noise_steps - 1)

@@ -105,7 +105,7 @@ def main(argv=None):
         ckpt, model, config, labels, diffusion, as_dir = resolve(a)
         images, ys = generate(model, diffusion, a.n, labels, a.cfg_scale, a.sampler, a.steps, a.eta, a.seed,
                               a.batch_size, not a.no_progress, autocast_dtype(diffusion.device, a.amp),
-                              cfg_min_sigma=a.cfg_min_sigma, corrector_snr=a.corrector_snr)
+                              cfg_min_sigma=a.cfg_min_sigma, corrector_snr=a.corrector_snr, clip=a.clip)
         nrow = a.n if labels is not None and a.n <= 16 else min(16, len(images))
         write(images, ys, a.out, as_dir, nrow)
     except UserError as e:
@@ -114,7 +114,8 @@ def main(argv=None):
     what = f"labels {','.join(map(str, labels))}" if labels is not None else "unconditional"
     guided = f", {a.guided}" if a.guided else ""
     corrected = f", corrector {a.corrector_snr}" if a.corrector_snr else ""
-    print(f"wrote {len(images)} images ({what}, {a.sampler} {a.steps} steps{guided}{corrected}) to {a.out}")
+    clipped = "" if a.clip is None else ", x0 clipped" if a.clip else ", x0 unclipped"
+    print(f"wrote {len(images)} images ({what}, {a.sampler} {a.steps} steps{guided}{corrected}{clipped}) to {a.out}")
 
 
 if __name__ == "__main__":

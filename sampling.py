@@ -48,14 +48,19 @@ def add_sampling_options(opt):
     opt("--guide-scale", type=float, help="autoguidance: torch.lerp(guide, model, scale), 1: off (default: the "
                                           f"run's guide_scale with its own guide, {OTHER_GUIDE_SCALE} with --guide)")
     opt("--corrector-snr", type=float, help="a Langevin corrector step after each step, of this step-to-noise "
-                                            "ratio; twice the evaluations (0: none; default: the run's, with its sampler)")
+                                            "ratio; twice the evaluations (0: none; default: the run's, with its "
+                                            "sampler)")
+    opt("--clip", action=argparse.BooleanOptionalAction,
+        help="clip each step's x0 prediction to the data range (default: the run's, with its sampler; else the "
+             "sampler's own: ddim and dpm++ clip, ddpm does not)")
     opt("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     opt("--amp", action=argparse.BooleanOptionalAction, default=True,
         help="bf16 autocast on CUDA and AMX CPUs (fp16 on CUDA without bf16); --no-amp: fp32")
 
 
 def resolve_sampling(a, config):
-    """Fill a's unset sampler, steps, eta and guidance settings from the run's config, and check them."""
+    """Fill a's unset sampler, steps, eta, corrector, clip and guidance settings from the run's config, and
+    check them."""
     last = config.noise_steps - 1
     same_sampler = a.sampler in (None, config.sampler)
     a.sampler = a.sampler or config.sampler
@@ -72,6 +77,8 @@ def resolve_sampling(a, config):
     if a.corrector_snr is None:  # the run's corrector goes with its own sampler, not with a deterministic one
         a.corrector_snr = config.corrector_snr if same_sampler and a.eta > 0 else 0.0
     check_corrector_snr(a.corrector_snr)
+    if a.clip is None:  # the run's clip goes with its own sampler and eta too
+        a.clip = config.clip if same_sampler and a.eta == config.eta else None
     resolve_guidance(a, config)
 
 
@@ -136,10 +143,11 @@ def labels_for(config, text, ckpt="the checkpoint"):
 
 
 def generate(model, diffusion, n, labels=None, cfg_scale=3.0, sampler="ddim", steps=None, eta=1.0,
-             seed=None, batch_size=500, progress=True, amp_dtype=None, cfg_min_sigma=0.0, corrector_snr=0.0):
+             seed=None, batch_size=500, progress=True, amp_dtype=None, cfg_min_sigma=0.0, corrector_snr=0.0,
+             clip=None):
     """n images per label (or n in all without labels) as uint8 (N, C, H, W), label-major, and their labels
     (None for an unconditional model). The same seed and batch size give the same images. amp_dtype: the
-    network runs under that autocast (hardware.autocast_dtype), None for fp32."""
+    network runs under that autocast (hardware.autocast_dtype), None for fp32. clip: Diffusion.sample's."""
     g = torch.Generator().manual_seed(seed) if seed is not None else None
     all_labels = torch.tensor(labels).repeat_interleave(n) if labels is not None else None
     total = n * len(labels) if labels is not None else n
@@ -150,5 +158,5 @@ def generate(model, diffusion, n, labels=None, cfg_scale=3.0, sampler="ddim", st
         with autocast(diffusion.device, amp_dtype):
             out.append(diffusion.sample(model, b, y, cfg_scale=cfg_scale, sampler=sampler, steps=steps, eta=eta,
                                         generator=g, progress=progress, cfg_min_sigma=cfg_min_sigma,
-                                        corrector_snr=corrector_snr).cpu())
+                                        corrector_snr=corrector_snr, clip=clip).cpu())
     return torch.cat(out), all_labels

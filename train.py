@@ -168,7 +168,7 @@ def sample_grid(run, model):
     with autocast(run.device, run.amp_dtype):
         return run.diffusion.sample(model, c.n_samples, labels, cfg_scale=c.cfg_scale, sampler=c.sampler,
                                     steps=c.sample_steps, eta=c.eta, generator=g, cfg_min_sigma=c.cfg_min_sigma,
-                                    corrector_snr=c.corrector_snr)
+                                    corrector_snr=c.corrector_snr, clip=c.clip)
 
 
 def save_grids(run, epoch, logger):

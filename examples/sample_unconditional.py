@@ -4,8 +4,8 @@
 
 The defaults fit the default `python ddpm.py` run (16x16 grayscale, width 16). Where the run saved its
 autoguidance guide (guide_ckpt.pt beside the checkpoint), the samples are guided by it, and each sampling step
-is followed by a Langevin corrector step, as the run's own grids are. Without a display the
-row is saved under results/plots/ and its path printed.
+is followed by a Langevin corrector step, with DDIM's x0 predictions left unclipped, as the run's own grids
+are. Without a display the row is saved under results/plots/ and its path printed.
 """
 import argparse
 import json
@@ -64,7 +64,9 @@ def main():
     diffusion = Diffusion(img_size=args.image_size, device="cpu", prediction=prediction)
     x = diffusion.sample(model, n=args.n, sampler=args.sampler,
                          steps=None if args.sampler == "ddpm" else args.steps,
-                         corrector_snr=args.corrector_snr, generator=torch.Generator().manual_seed(args.seed))
+                         corrector_snr=args.corrector_snr,
+                         clip=False if args.sampler == "ddim" else None,  # dpm++ keeps its clip (docs/sampling.md)
+                         generator=torch.Generator().manual_seed(args.seed))
     plot_images(x, args.title)
 
 

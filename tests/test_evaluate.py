@@ -229,16 +229,35 @@ def test_bench_quality_scores_with_the_sampling_steps_asked(tmp_path, monkeypatc
     steps = []
     monkeypatch.setattr(bench_quality, "load_for_sampling", lambda path, device: (path, "model", None, "diffusion"))
     monkeypatch.setattr(bench_quality, "with_guide", lambda model, *a: (model, None))
-    monkeypatch.setattr(bench_quality, "generate", lambda *a, **kw: steps.append(a[6]) or (None, None))
+    monkeypatch.setattr(bench_quality, "generate",
+                        lambda *a, **kw: steps.append((a[6], kw["seed"], kw["clip"])) or (None, None))
     judge = argparse.Namespace(evaluate=lambda images, labels: {})
     bench_quality.score(config, judge, 1, torch.device("cpu"))
-    bench_quality.score(config, judge, 1, torch.device("cpu"), sample_steps=7)
-    assert steps == [config.sample_steps, 7]
+    bench_quality.score(config, judge, 1, torch.device("cpu"), sample_steps=7, clip=True, seed=2)
+    assert steps == [(config.sample_steps, 0, False), (7, 2, True)]  # the recipe's own: unclipped
+    # a conditional run trained earlier: the class count comes from its saved config, not the recipe's None
+    conditional = bench_quality.recipe_config("default", 0, True, None, bench_quality.FOLDER)
+    assert conditional.num_classes is None
+    monkeypatch.setattr(bench_quality, "load_for_sampling",
+                        lambda path, device: (path, "model", argparse.Namespace(num_classes=3), "diffusion"))
+    monkeypatch.setattr(bench_quality, "generate", lambda *a, **kw: steps.append(a[3]) or (None, None))
+    bench_quality.score(conditional, judge, 1, torch.device("cpu"))
+    assert steps[-1] == [0, 1, 2]
     data = make_folder(tmp_path / "data", n_per_class=2)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exit:
         bench_quality.main(["--dataset-path", data, "--sample-steps", "0"])
     assert exit.value.code == 2 and "--sample-steps 0: between 1 and 999" in capsys.readouterr().err
+
+
+def test_bench_quality_averages_draws():
+    from bench_quality import mean_of
+
+    draws = [{"n": 4, "fd": 2.0, "fd_floor": 1.0, "label_acc": 0.5, "class_acc": {0: 0.0, 1: 1.0}, "histogram": [3, 1]},
+             {"n": 4, "fd": 4.0, "fd_floor": 1.0, "label_acc": 1.0, "class_acc": {0: 1.0, 1: 1.0}, "histogram": [2, 2]}]
+    assert mean_of(draws) == {"n": 4, "fd": 3.0, "fd_floor": 1.0, "label_acc": 0.75, "class_acc": {0: 0.5, 1: 1.0},
+                              "histogram": [5, 3]}
+    assert mean_of(draws[:1]) == draws[0]
 
 
 def test_fd_on_more_samples_than_references_uses_samples_of_every_label(tmp_path):

@@ -221,10 +221,40 @@ def test_the_runs_corrector_goes_with_its_own_stochastic_sampler():
     config = RunConfig(noise_steps=20, sampler="ddim", sample_steps=10, eta=1.0, corrector_snr=0.3)
 
     def resolved(**given):
-        a = sample.build_parser().parse_args(["--ckpt", "x", *[f"--{k.replace('_', '-')}={v}" for k, v in given.items()]])
+        flags = [f"--{k.replace('_', '-')}={v}" for k, v in given.items()]
+        a = sample.build_parser().parse_args(["--ckpt", "x", *flags])
         resolve_sampling(a, config)
         return a.corrector_snr
 
     assert resolved() == 0.3 and resolved(corrector_snr=0.1) == 0.1
     assert resolved(sampler="dpm++") == 0 and resolved(eta=0) == 0  # deterministic ones stay deterministic
     assert resolved(sampler="dpm++", corrector_snr=0.2) == 0.2  # unless asked
+
+
+def test_clip_switch_reaches_the_sampler(tmp_path, capsys):
+    ckpt = make_run(tmp_path / "run")  # untrained: its x0 predictions leave [-1, 1], so the clip shows
+    grids = {}
+    for flags in ([], ["--clip"], ["--no-clip"]):
+        out = tmp_path / f"g{len(grids)}.png"
+        code, _, _ = run(["--ckpt", str(ckpt), "--labels", "1", "--n", "4", "--sampler", "ddim", "--steps", "3",
+                          "--seed", "0", *flags, "--out", str(out)], capsys)
+        assert code == 0
+        grids[" ".join(flags)] = np.asarray(Image.open(out))
+    assert np.array_equal(grids[""], grids["--no-clip"])  # the run's setting: the default preset's, unclipped
+    assert not np.array_equal(grids[""], grids["--clip"])
+
+
+def test_the_runs_clip_goes_with_its_own_sampler():
+    from sampling import resolve_sampling
+
+    config = RunConfig(noise_steps=20, sampler="ddim", sample_steps=10, clip=False)
+
+    def resolved(*flags):
+        a = sample.build_parser().parse_args(["--ckpt", "x", *flags])
+        resolve_sampling(a, config)
+        return a.clip
+
+    assert resolved() is False and resolved("--clip") is True
+    assert resolved("--sampler", "dpm++") is None  # the sampler's own choice: dpm++ clips
+    assert resolved("--sampler", "dpm++", "--no-clip") is False
+    assert resolved("--eta", "0") is None  # deterministic DDIM: its own choice

@@ -66,6 +66,12 @@ def test_original_preset_is_the_originals():
     assert (a.corrector_snr, c.corrector_snr) == (0, 0)
     assert resolve_args(parse_args(False, []))[0].corrector_snr == 0.3  # only the unconditional default corrects
     assert resolve_args(parse_args(True, []))[0].corrector_snr == 0
+    # the default's stochastic DDIM samples unclipped; another grid sampler gets its own choice
+    assert (a.clip, c.clip) == (None, None) and not any(resolve_args(parse_args(k, []))[0].clip is not False
+                                                        for k in (False, True))
+    assert resolve_args(parse_args(True, ["--sampler", "dpm++"]))[0].clip is None
+    assert resolve_args(parse_args(False, ["--eta", "0"]))[0].clip is None
+    assert resolve_args(parse_args(True, ["--sampler", "dpm++", "--clip"]))[0].clip is True
     g, _ = resolve_args(parse_args(True, ["--cfg-min-sigma", "0.5"]))
     assert g.cfg_min_sigma == 0.5 and resolve_args(parse_args(True, []))[0].cfg_min_sigma == 1.0
     u, _ = resolve_args(parse_args(True, ["--batch_size", "7"]))  # underscore alias
@@ -78,13 +84,14 @@ def test_a_config_saved_before_a_setting_existed_loads_as_it_trained():
     sections = RunConfig(timesteps="weighted", cfg_min_sigma=1.0, adam_beta2=0.9).to_json()
     del sections["training"]["timesteps"], sections["sample_grids"]["cfg_min_sigma"]
     del sections["training"]["adam_beta2"], sections["training"]["guide_at"], sections["sample_grids"]["guide_scale"]
-    del sections["sample_grids"]["corrector_snr"]
+    del sections["sample_grids"]["corrector_snr"], sections["sample_grids"]["clip"]
     old = RunConfig.from_json(sections)
     assert old.timesteps == ADDED_LATER["timesteps"] == "uniform"
     assert old.cfg_min_sigma == ADDED_LATER["cfg_min_sigma"] == 0  # its grids were guided at every step
     assert old.adam_beta2 == ADDED_LATER["adam_beta2"] == 0.999  # PyTorch's default, all it could use
     assert old.guide_at == 0 and old.guide_scale == 1  # it saved no guide
     assert old.corrector_snr == 0  # its grids were drawn without a corrector
+    assert old.clip is None  # and clipped as its sampler chose
 
 
 def test_loss_falls_on_a_fixed_batch():
