@@ -301,3 +301,25 @@ def test_quality_plot_says_what_a_step_is(tmp_path):
                                                                                 "batch-32 (batch 32)"]
     import matplotlib.pyplot as plt
     plt.close(same), plt.close(mixed)
+
+
+def test_bench_samplers_scores_the_defaults_unclipped_ddim_beside_the_clipped(tmp_path, monkeypatch):
+    import bench_samplers
+    from checkpoints import save_config
+    from config import RunConfig
+    from modules import UNet_conditional
+
+    monkeypatch.chdir(tmp_path)
+    data = make_folder(tmp_path / "data", n_per_class=10, size=8)
+    run = tmp_path / "run"
+    os.makedirs(run)
+    torch.manual_seed(0)
+    torch.save(UNet_conditional(1, 1, num_classes=2, base_width=8).state_dict(), run / "ema_ckpt.pt")
+    save_config(RunConfig(conditional=True, channels=1, base_width=8, num_classes=2, image_size=8, noise_steps=60,
+                          dataset_path=data), str(run))
+    bench_samplers.main(["--ckpt", str(run), "--n", "4", "--n-ddpm", "0", "--out", str(tmp_path / "t.md")])
+    rows = {" | ".join(line.split(" | ")[:3]): line.split(" | ")[3:5] for line in open(tmp_path / "t.md")
+            if line.startswith("| DDIM")}  # (sampler, NFE, eta): (accuracy, FD)
+    assert {"| DDIM | 50 | 1.0", "| DDIM, unclipped | 50 | 1.0"} <= set(rows)
+    # an untrained network's x0 predictions leave the data range: the clip changes what the judge sees
+    assert rows["| DDIM | 50 | 1.0"] != rows["| DDIM, unclipped | 50 | 1.0"]
