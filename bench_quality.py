@@ -28,7 +28,7 @@ import torch
 
 import train
 from checkpoints import load_checkpoint, load_config
-from config import SECTIONS, check_cfg_min_sigma, check_corrector_snr, preset_config, validate
+from config import SECTIONS, check_cfg_min_sigma, check_corrector_snr, own_clip, preset_config, validate
 from hardware import autocast_dtype, pick_device
 from quality import Evaluator
 from sampling import generate, load_for_sampling, with_guide
@@ -122,6 +122,7 @@ def recipe_config(name, seed, conditional, dataset_path, folder=FOLDER):
     config = preset_config(preset, conditional)
     for key, value in changes.items():
         setattr(config, key, value)
+    config.clip = own_clip(config, preset_config(preset, conditional))
     config.seed, config.dataset_path = seed, dataset_path
     config.channels = config.channels or 1
     config.run_name = os.path.join(folder, f"{'c' if conditional else 'u'}_{name}_s{seed}")

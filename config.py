@@ -140,6 +140,13 @@ def preset_config(preset, conditional):
                      **{**PRESETS[preset], **CONDITIONAL_PRESETS[preset]} if conditional else PRESETS[preset])
 
 
+def own_clip(config, base):
+    """config.clip, or None (the sampler's own choice) where config samples otherwise than the preset `base`:
+    the preset's clip was measured with its sampler, eta and prediction target (docs/sampling.md)."""
+    same = all(getattr(config, k) == getattr(base, k) for k in ("sampler", "eta", "prediction"))
+    return config.clip if same else None
+
+
 def check_cfg_min_sigma(value):
     if not value >= 0:  # also NaN
         raise UserError(f"--cfg-min-sigma must be >= 0 (0: guidance at every step), got {value}")

@@ -5,7 +5,7 @@ import dataclasses
 import os
 
 from checkpoints import load_config
-from config import PRESETS, RUN_DEFINING, preset_config, validate
+from config import PRESETS, RUN_DEFINING, own_clip, preset_config, validate
 from diffusion import PREDICTIONS, SAMPLERS
 from utils import UserError, option_adder
 
@@ -126,8 +126,8 @@ def resolve_args(args):
     else:
         base = preset_config(preset, args.conditional)
     config = dataclasses.replace(base, **explicit)
-    if (config.sampler, config.eta) != (base.sampler, base.eta) and "clip" not in explicit:
-        config.clip = None  # the preset's clip goes with its sampler and eta; another takes the sampler's own
+    if "clip" not in explicit:
+        config.clip = own_clip(config, base)
     config.run_name = run_name
     if "sample_steps" not in explicit:  # a short --noise-steps shortens the default grid sampling with it
         config.sample_steps = min(config.sample_steps, config.noise_steps - 1)

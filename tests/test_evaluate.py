@@ -250,6 +250,14 @@ def test_bench_quality_scores_with_the_sampling_steps_asked(tmp_path, monkeypatc
     assert exit.value.code == 2 and "--sample-steps 0: between 1 and 999" in capsys.readouterr().err
 
 
+def test_bench_quality_recipes_keep_the_presets_clip_only_with_its_sampling():
+    from bench_quality import recipe_config
+
+    assert recipe_config("default", 0, True, None).clip is False  # the default's v model: DDIM eta=1 unclipped
+    assert recipe_config("eps", 0, True, None).clip is None  # an eps model: the sampler's own clip
+    assert recipe_config("original", 0, False, None).clip is None
+
+
 def test_bench_quality_averages_draws():
     from bench_quality import mean_of
 
