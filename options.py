@@ -25,9 +25,9 @@ def add_grid_options(opt, conditional):
                                           "run has its guide (--guide-at); 1: off")
     opt("--corrector-snr", type=float, help="a Langevin corrector step after each grid sampling step, of this "
                                             "step-to-noise ratio (0: none)")
-    opt("--clip", action=argparse.BooleanOptionalAction, help="clip each x0 prediction of the grids' sampler to "
-                                                              "the data range (default: the preset's with its "
-                                                              "sampler, else the sampler's own)")
+    opt("--clip", action=argparse.BooleanOptionalAction,
+        help="clip each x0 prediction of the grids' sampler to the data range (default: the preset's, with its "
+             "sampler, eta and prediction target; else the sampler's own)")
 
 
 def add_machine_options(opt):
