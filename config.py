@@ -142,8 +142,8 @@ def preset_config(preset, conditional):
 
 def own_clip(config, base):
     """config.clip, or None (the sampler's own choice) where config samples otherwise than the preset `base`:
-    the preset's clip was measured with its sampler, eta and prediction target (docs/sampling.md)."""
-    same = all(getattr(config, k) == getattr(base, k) for k in ("sampler", "eta", "prediction"))
+    the preset's clip was measured with its sampler and eta (docs/sampling.md)."""
+    same = all(getattr(config, k) == getattr(base, k) for k in ("sampler", "eta"))
     return config.clip if same else None
 
 

@@ -27,7 +27,7 @@ def add_grid_options(opt, conditional):
                                             "step-to-noise ratio (0: none)")
     opt("--clip", action=argparse.BooleanOptionalAction,
         help="clip each x0 prediction of the grids' sampler to the data range (default: the preset's, with its "
-             "sampler, eta and prediction target; else the sampler's own)")
+             "sampler and eta; else the sampler's own)")
 
 
 def add_machine_options(opt):

@@ -250,12 +250,13 @@ def test_bench_quality_scores_with_the_sampling_steps_asked(tmp_path, monkeypatc
     assert exit.value.code == 2 and "--sample-steps 0: between 1 and 999" in capsys.readouterr().err
 
 
-def test_bench_quality_recipes_keep_the_presets_clip_only_with_its_sampling():
-    from bench_quality import recipe_config
+def test_bench_quality_recipes_keep_the_presets_clip_only_with_its_sampling(monkeypatch):
+    import bench_quality
 
-    assert recipe_config("default", 0, True, None).clip is False  # the default's v model: DDIM eta=1 unclipped
-    assert recipe_config("eps", 0, True, None).clip is None  # an eps model: the sampler's own clip
-    assert recipe_config("original", 0, False, None).clip is None
+    assert bench_quality.recipe_config("default", 0, True, None).clip is False  # DDIM eta=1 unclipped
+    assert bench_quality.recipe_config("eps", 0, True, None).clip is False  # whatever the network predicts
+    monkeypatch.setitem(bench_quality.RECIPES, "eta-0", ("default", dict(eta=0.0)))
+    assert bench_quality.recipe_config("eta-0", 0, True, None).clip is None  # deterministic: the sampler's own
 
 
 def test_bench_quality_averages_draws():

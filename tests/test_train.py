@@ -71,7 +71,7 @@ def test_original_preset_is_the_originals():
                                                         for k in (False, True))
     assert resolve_args(parse_args(True, ["--sampler", "dpm++"]))[0].clip is None
     assert resolve_args(parse_args(False, ["--eta", "0"]))[0].clip is None
-    assert resolve_args(parse_args(True, ["--prediction", "eps"]))[0].clip is None  # measured on v-prediction
+    assert resolve_args(parse_args(True, ["--prediction", "eps"]))[0].clip is False  # eps models gain too
     assert resolve_args(parse_args(True, ["--sampler", "dpm++", "--clip"]))[0].clip is True
     g, _ = resolve_args(parse_args(True, ["--cfg-min-sigma", "0.5"]))
     assert g.cfg_min_sigma == 0.5 and resolve_args(parse_args(True, []))[0].cfg_min_sigma == 1.0
