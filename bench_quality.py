@@ -122,7 +122,7 @@ def recipe_config(name, seed, conditional, dataset_path, folder=FOLDER):
     config = preset_config(preset, conditional)
     for key, value in changes.items():
         setattr(config, key, value)
-    config.clip = own_clip(config, preset_config(preset, conditional))
+    config.clip = own_clip(preset_config(preset, conditional), config.sampler, config.eta)
     config.seed, config.dataset_path = seed, dataset_path
     config.channels = config.channels or 1
     config.run_name = os.path.join(folder, f"{'c' if conditional else 'u'}_{name}_s{seed}")
@@ -169,23 +169,26 @@ def train_to(config, epochs):
 
 
 def score(config, ev, n, device, cfg_scale=None, cfg_min_sigma=None, sample_steps=None, corrector_snr=None,
-          clip=None, seed=0):
-    """The judge's figures for the run's EMA weights (a dict, see quality.Evaluator.evaluate), sampled from
-    the noises of `seed` with the recipe's grid settings (a run saved before a sampling default changed is
-    scored with today's), unless a guidance scale, cfg_min_sigma, number of sampling steps, corrector or clip
-    is given."""
+          clip=None, seed=0, draws=1):
+    """The judge's figures for the run's EMA weights (a dict, see quality.Evaluator.evaluate; with draws > 1
+    their mean over the draws from the noises of seed, seed + 1, ...), sampled from the noises of `seed` with
+    the recipe's grid settings (a run saved before a sampling default changed is scored with today's), unless
+    a guidance scale, cfg_min_sigma, number of sampling steps, corrector or clip is given."""
     path, model, saved, diffusion = load_for_sampling(os.path.join("models", config.run_name), device)
     model, _ = with_guide(model, config, path, device)  # the run's own autoguidance, as sample.py's
     # the saved config knows the class count (a recipe's is None until its data is read in training)
     labels = list(range(saved.num_classes)) if config.conditional else None
-    images, ys = generate(model, diffusion, n if config.conditional else 10 * n, labels,
-                          config.cfg_scale if cfg_scale is None else cfg_scale, config.sampler,
-                          sample_steps or config.sample_steps, config.eta, seed=seed, progress=False,
-                          amp_dtype=autocast_dtype(device),
-                          cfg_min_sigma=config.cfg_min_sigma if cfg_min_sigma is None else cfg_min_sigma,
-                          corrector_snr=config.corrector_snr if corrector_snr is None else corrector_snr,
-                          clip=config.clip if clip is None else clip)
-    return ev.evaluate(images, ys)
+    results = []
+    for draw in range(seed, seed + draws):  # the model and its guide are loaded once for all draws
+        images, ys = generate(model, diffusion, n if config.conditional else 10 * n, labels,
+                              config.cfg_scale if cfg_scale is None else cfg_scale, config.sampler,
+                              sample_steps or config.sample_steps, config.eta, seed=draw, progress=False,
+                              amp_dtype=autocast_dtype(device),
+                              cfg_min_sigma=config.cfg_min_sigma if cfg_min_sigma is None else cfg_min_sigma,
+                              corrector_snr=config.corrector_snr if corrector_snr is None else corrector_snr,
+                              clip=config.clip if clip is None else clip)
+        results.append(ev.evaluate(images, ys))
+    return mean_of(results)
 
 
 def mean_of(draws):
@@ -263,8 +266,8 @@ def bench(a, argv):
                 steps = epochs * steps_per_epoch
                 secs = time.perf_counter() - t0
                 for cfg_scale in scales or [config.cfg_scale if not a.unconditional else "-"]:
-                    r = mean_of([score(run, ev, a.n, device, cfg_scale if scales else None, a.cfg_min_sigma,
-                                       a.sample_steps, a.corrector_snr, a.clip, seed=draw) for draw in range(a.draws)])
+                    r = score(run, ev, a.n, device, cfg_scale if scales else None, a.cfg_min_sigma, a.sample_steps,
+                              a.corrector_snr, a.clip, draws=a.draws)
                     label = recipe if len(scales) < 2 else f"{recipe}, CFG {cfg_scale}"
                     results[(label, seed, steps)], batch_sizes[label] = r, config.batch_size
                     lines.append(row(recipe, seed, steps, cfg_scale, r, secs))

@@ -140,11 +140,10 @@ def preset_config(preset, conditional):
                      **{**PRESETS[preset], **CONDITIONAL_PRESETS[preset]} if conditional else PRESETS[preset])
 
 
-def own_clip(config, base):
-    """config.clip, or None (the sampler's own choice) where config samples otherwise than the preset `base`:
-    the preset's clip was measured with its sampler and eta (docs/sampling.md)."""
-    same = all(getattr(config, k) == getattr(base, k) for k in ("sampler", "eta"))
-    return config.clip if same else None
+def own_clip(base, sampler, eta):
+    """base.clip where sampling goes with base's sampler and eta, with which its clip was chosen, else None:
+    the sampler's own choice (docs/sampling.md). base: a preset, or a run's saved config."""
+    return base.clip if (sampler, eta) == (base.sampler, base.eta) else None
 
 
 def check_cfg_min_sigma(value):

@@ -127,7 +127,7 @@ def resolve_args(args):
         base = preset_config(preset, args.conditional)
     config = dataclasses.replace(base, **explicit)
     if "clip" not in explicit:
-        config.clip = own_clip(config, base)
+        config.clip = own_clip(base, config.sampler, config.eta)
     config.run_name = run_name
     if "sample_steps" not in explicit:  # a short --noise-steps shortens the default grid sampling with it
         config.sample_steps = min(config.sample_steps, config.noise_steps - 1)

@@ -8,7 +8,7 @@ import re
 import torch
 
 from checkpoints import GUIDE_FILE, load_config, load_model, resolve_ckpt
-from config import SECTIONS, check_cfg_min_sigma, check_corrector_snr
+from config import SECTIONS, check_cfg_min_sigma, check_corrector_snr, own_clip
 from diffusion import SAMPLERS
 from hardware import autocast
 from modules import Autoguided
@@ -78,7 +78,7 @@ def resolve_sampling(a, config):
         a.corrector_snr = config.corrector_snr if same_sampler and a.eta > 0 else 0.0
     check_corrector_snr(a.corrector_snr)
     if a.clip is None:  # the run's clip goes with its own sampler and eta too
-        a.clip = config.clip if same_sampler and a.eta == config.eta else None
+        a.clip = own_clip(config, a.sampler, a.eta)
     resolve_guidance(a, config)
 
 
