@@ -22,6 +22,8 @@ from utils import IMAGE_EXTENSIONS, UserError, make_dataset, prepare_mnist
 
 CLASSIFIER_VERSION = 3  # bump when the classifier or its training changes: old caches are not reused
 FID_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
+# the judge for the bundled digits at 16x16, trained once (`python quality.py`) and shipped: no training, and one judge
+SHIPPED_JUDGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "judges", "mnist16.pt")
 
 
 # ---- the Frechet distance --------------------------------------------------------------------------------
@@ -129,25 +131,28 @@ class Evaluator:
         self.real_a, self.labels_a = self.real_images(a_idx)
         self.real_b, self.labels_b = self.real_images(b_idx)
 
-        recipe = (CLASSIFIER_VERSION, image_size, channels, epochs, seed, train_share)
-        path = os.path.join(cache_dir, f"classifier_{self.cache_key(dataset_path, recipe)}.pt")
+        self.recipe = [CLASSIFIER_VERSION, image_size, channels, epochs, seed, train_share]
+        path = os.path.join(cache_dir, f"classifier_{self.cache_key(dataset_path, tuple(self.recipe))}.pt")
         with torch.random.fork_rng(devices=[]):  # the same classifier whatever ran before
             torch.manual_seed(seed)
             self.net = Classifier(channels, len(self.classes)).to(self.device)
         if os.path.isfile(path):
             saved = load_checkpoint(path)
-            self.net.load_state_dict(saved["state_dict"])
-            self.heldout_acc = saved["heldout_acc"]
+        elif (saved := self.shipped_judge()) is not None:
+            atomic_save(saved, path)
+            log(f"classifier: the judge shipped for this dataset ({SHIPPED_JUDGE}), cached in {path}")
         else:
             with torch.random.fork_rng(devices=[]):  # dropout draws from the global RNG: the same judge every time
                 torch.manual_seed(seed)
                 secs = self.train_classifier(epochs, seed)
-            self.heldout_acc = self.accuracy(torch.cat([self.real_a, self.real_b]),
-                                             torch.cat([self.labels_a, self.labels_b]))
-            atomic_save({"state_dict": {k: v.cpu() for k, v in self.net.state_dict().items()},
-                         "heldout_acc": self.heldout_acc, "classes": self.classes}, path)
+            saved = {"state_dict": {k: v.cpu() for k, v in self.net.state_dict().items()}, "classes": self.classes,
+                     "heldout_acc": self.accuracy(torch.cat([self.real_a, self.real_b]),
+                                                  torch.cat([self.labels_a, self.labels_b]))}
+            atomic_save(saved, path)
             log(f"classifier: trained in {secs:.0f} s (one thread), held-out accuracy "
-                f"{self.heldout_acc:.4f}, cached in {path}")
+                f"{saved['heldout_acc']:.4f}, cached in {path}")
+        self.net.load_state_dict(saved["state_dict"])
+        self.heldout_acc = saved["heldout_acc"]
         self.net.eval()
         logits_b, self.feat_b = self.features(self.real_b)
         # what the judge can certify per class: on real digits it errs most on some classes (9s on MNIST);
@@ -170,6 +175,32 @@ class Evaluator:
                     st = os.stat(p)
                     h.update(f"{os.path.relpath(p, dataset_path)}:{st.st_size}:{st.st_mtime_ns}".encode())
         return h.hexdigest()[:12]
+
+    def content_digest(self):
+        """A hash of the judge's recipe and of every image as the judge sees it, with its label: names the data
+        itself, where the cache key trusts file times (a fresh copy of the same images has new ones)."""
+        images, labels = self.real_images(range(len(self.dataset)))
+        h = hashlib.sha1(repr((self.recipe, self.classes)).encode())
+        h.update(images.numpy().tobytes())
+        h.update(labels.numpy().tobytes())
+        return h.hexdigest()
+
+    def shipped_judge(self):
+        """The judge that ships with the project, if it was trained on exactly these images with this recipe
+        (the bundled digits at 16x16), else None. Shipped, it is the same judge on every machine: trained
+        here, each CPU's arithmetic would give a slightly different one, and so other figures than docs/'s."""
+        if not os.path.isfile(SHIPPED_JUDGE):
+            return None
+        saved = load_checkpoint(SHIPPED_JUDGE)
+        if (saved.get("recipe"), saved.get("classes"), saved.get("n")) != (self.recipe, self.classes, len(self.dataset)):
+            return None  # cheap checks first: hashing the images reads them all
+        return saved if saved["digest"] == self.content_digest() else None
+
+    def ship(self, path=None):
+        """Writes this judge with its recipe and data digest as the shipped judge (`python quality.py`)."""
+        atomic_save({"state_dict": {k: v.cpu() for k, v in self.net.state_dict().items()},
+                     "heldout_acc": self.heldout_acc, "classes": self.classes, "recipe": self.recipe,
+                     "n": len(self.dataset), "digest": self.content_digest()}, path or SHIPPED_JUDGE)
 
     def real_images(self, idx):
         """Dataset images as they are (resized, centre cropped) as uint8, and their labels."""
@@ -285,3 +316,8 @@ def fid(images, real_images, extractor, batch=100):
         return torch.cat([extractor(x[i:i + batch]) for i in range(0, len(x), batch)])
 
     return frechet_distance(feats(images), feats(real_images))
+
+
+if __name__ == "__main__":  # (re)writes the shipped judge: after a change to the judge, on one thread as always
+    Evaluator().ship()
+    print(f"wrote {SHIPPED_JUDGE}")

@@ -107,6 +107,47 @@ def test_evaluator_trains_caches_and_scores(tmp_path):
     assert logs == []
 
 
+def test_a_shipped_judge_serves_the_same_images_anywhere_and_only_them(tmp_path, monkeypatch):
+    import shutil
+
+    import quality
+
+    monkeypatch.setattr(quality, "SHIPPED_JUDGE", str(tmp_path / "judges" / "judge.pt"))
+    data = make_folder(tmp_path / "data")
+    trained = Evaluator(data, image_size=8, channels=1, cache_dir=str(tmp_path / "m0"), epochs=2, log=print)
+    os.makedirs(tmp_path / "judges")
+    trained.ship()
+    # a fresh copy of the same images (new file times, so the cache key differs): the shipped judge, untrained
+    copy = shutil.copytree(data, tmp_path / "copy", copy_function=shutil.copy)
+    logs = []
+    ev = Evaluator(str(copy), image_size=8, channels=1, cache_dir=str(tmp_path / "m1"), epochs=2, log=logs.append)
+    assert len(logs) == 1 and "the judge shipped" in logs[0] and os.listdir(tmp_path / "m1")
+    assert all(torch.equal(a, b) for a, b in zip(ev.net.state_dict().values(), trained.net.state_dict().values()))
+    assert ev.heldout_acc == trained.heldout_acc
+    # another recipe, or one image changed (as the judge sees it, at 8x8): trained here
+    for epochs, cache in ((1, "m2"), (2, "m3")):
+        if cache == "m3":
+            img = os.path.join(copy, "0", "0.png")
+            pixels = np.array(Image.open(img))
+            pixels[:6, :6] = 255
+            Image.fromarray(pixels).save(img)
+        logs = []
+        Evaluator(str(copy), image_size=8, channels=1, cache_dir=str(tmp_path / cache), epochs=epochs,
+                  log=logs.append)
+        assert any("training" in line for line in logs) and not any("the judge shipped" in line for line in logs)
+
+
+def test_the_shipped_judge_fits_the_bundled_digits_and_todays_recipe(tmp_path):
+    """Fails when the judge's recipe changes and judges/mnist16.pt is not written again (python quality.py)."""
+    from utils import prepare_mnist
+
+    logs = []
+    ev = Evaluator(prepare_mnist(str(tmp_path / "mnist")), cache_dir=str(tmp_path / "models"), log=logs.append)
+    assert len(logs) == 1 and "the judge shipped" in logs[0]
+    assert ev.heldout_acc == pytest.approx(ev.accuracy(torch.cat([ev.real_a, ev.real_b]),
+                                                       torch.cat([ev.labels_a, ev.labels_b])))
+
+
 def test_evaluate_cli_on_a_sample_folder(tmp_path, capsys, monkeypatch):
     data = make_folder(tmp_path / "data")
     samples = make_folder(tmp_path / "samples", n_per_class=5, seed=1)
