@@ -145,12 +145,12 @@ class Evaluator:
             with torch.random.fork_rng(devices=[]):  # dropout draws from the global RNG: the same judge every time
                 torch.manual_seed(seed)
                 secs = self.train_classifier(epochs, seed)
-            saved = {"state_dict": {k: v.cpu() for k, v in self.net.state_dict().items()}, "classes": self.classes,
-                     "heldout_acc": self.accuracy(torch.cat([self.real_a, self.real_b]),
-                                                  torch.cat([self.labels_a, self.labels_b]))}
+            self.heldout_acc = self.accuracy(torch.cat([self.real_a, self.real_b]),
+                                             torch.cat([self.labels_a, self.labels_b]))
+            saved = self.saved()
             atomic_save(saved, path)
             log(f"classifier: trained in {secs:.0f} s (one thread), held-out accuracy "
-                f"{saved['heldout_acc']:.4f}, cached in {path}")
+                f"{self.heldout_acc:.4f}, cached in {path}")
         self.net.load_state_dict(saved["state_dict"])
         self.heldout_acc = saved["heldout_acc"]
         self.net.eval()
@@ -196,11 +196,15 @@ class Evaluator:
             return None  # cheap checks first: hashing the images reads them all
         return saved if saved["digest"] == self.content_digest() else None
 
+    def saved(self):
+        """What the cache keeps of the judge."""
+        return {"state_dict": {k: v.cpu() for k, v in self.net.state_dict().items()},
+                "heldout_acc": self.heldout_acc, "classes": self.classes}
+
     def ship(self, path=None):
         """Writes this judge with its recipe and data digest as the shipped judge (`python quality.py`)."""
-        atomic_save({"state_dict": {k: v.cpu() for k, v in self.net.state_dict().items()},
-                     "heldout_acc": self.heldout_acc, "classes": self.classes, "recipe": self.recipe,
-                     "n": len(self.dataset), "digest": self.content_digest()}, path or SHIPPED_JUDGE)
+        atomic_save({**self.saved(), "recipe": self.recipe, "n": len(self.dataset), "digest": self.content_digest()},
+                    path or SHIPPED_JUDGE)
 
     def real_images(self, idx):
         """Dataset images as they are (resized, centre cropped) as uint8, and their labels."""
