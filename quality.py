@@ -114,7 +114,7 @@ class Evaluator:
     class). The diffusion model itself saw all images: "held out" is from the judge."""
 
     def __init__(self, dataset_path=None, image_size=16, channels=1, device="cpu", cache_dir="models",
-                 epochs=20, seed=0, log=print, train_share=0.8):
+                 epochs=20, seed=0, log=print, train_share=0.8, max_images=80_000):
         self.device, self.log = torch.device(device), log
         dataset_path = dataset_path or prepare_mnist()
         self.dataset = make_dataset(dataset_path, image_size, channels, "center")
@@ -131,7 +131,7 @@ class Evaluator:
         self.real_a, self.labels_a = self.real_images(a_idx)
         self.real_b, self.labels_b = self.real_images(b_idx)
 
-        self.recipe = [CLASSIFIER_VERSION, image_size, channels, epochs, seed, train_share]
+        self.recipe = [CLASSIFIER_VERSION, image_size, channels, epochs, seed, train_share, max_images]
         path = os.path.join(cache_dir, f"classifier_{self.cache_key(dataset_path, tuple(self.recipe))}.pt")
         with torch.random.fork_rng(devices=[]):  # the same classifier whatever ran before
             torch.manual_seed(seed)
@@ -144,7 +144,8 @@ class Evaluator:
         else:
             with torch.random.fork_rng(devices=[]):  # dropout draws from the global RNG: the same judge every time
                 torch.manual_seed(seed)
-                secs = self.train_classifier(epochs, seed)
+                # no more epochs than it takes to see max_images: a large dataset's judge costs what 4,000 digits' does
+                secs = self.train_classifier(min(epochs, -(-max_images // len(self.train_idx))), seed)
             self.heldout_acc = self.accuracy(torch.cat([self.real_a, self.real_b]),
                                              torch.cat([self.labels_a, self.labels_b]))
             saved = self.saved()

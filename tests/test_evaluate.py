@@ -137,6 +137,15 @@ def test_a_shipped_judge_serves_the_same_images_anywhere_and_only_them(tmp_path,
         assert any("training" in line for line in logs) and not any("the judge shipped" in line for line in logs)
 
 
+def test_a_large_dataset_trains_its_judge_on_no_more_images_than_max_images(tmp_path):
+    data = make_folder(tmp_path / "data", n_per_class=60)  # 96 images train the judge
+    for max_images, want in ((200, 3), (10_000, 6)):  # 3 epochs see 288 >= 200 images; the cap above 6 epochs: 6
+        logs = []
+        Evaluator(data, image_size=8, channels=1, cache_dir=str(tmp_path / f"m{max_images}"), epochs=6,
+                  max_images=max_images, log=logs.append)
+        assert f"training on 96 images for {want} epochs" in logs[0]
+
+
 def test_the_shipped_judge_fits_the_bundled_digits_and_todays_recipe(tmp_path):
     """Fails when the judge's recipe changes and judges/mnist16.pt is not written again (python quality.py)."""
     from utils import prepare_mnist
