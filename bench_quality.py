@@ -49,6 +49,9 @@ RECIPES = {
     # half the default's width: trained for 468 steps, the autoguidance guide of docs/sampling.md
     "width-8": ("default", dict(base_width=8)),
     "no-guide": ("default", dict(guide_at=0.0)),  # unconditional: without its autoguidance
+    # unconditional: the same model guided by its EMA after an eighth or a half of the epochs; not adopted (sampling.md)
+    "guide-at-0.125": ("default", dict(guide_at=0.125)),
+    "guide-at-0.5": ("default", dict(guide_at=0.5)),
     # measured on the unconditional default and not adopted (docs/quality.md): a wider network, a slower EMA, a
     # higher rate, the loss weighted otherwise over the timesteps, the same images in twice the steps
     "width-24": ("default", dict(base_width=24)),
