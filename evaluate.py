@@ -17,7 +17,8 @@ from PIL import Image
 
 from hardware import autocast_dtype, pick_device
 from quality import FID_WEIGHTS_NAME, Evaluator, fid, inception_extractor
-from sampling import add_sampling_options, generate, labels_for, load_for_sampling, resolve_sampling, with_guide
+from sampling import (add_sampling_options, describe_sampling, generate, labels_for, load_for_sampling,
+                      resolve_sampling, with_guide)
 from utils import IMAGE_EXTENSIONS, UserError, option_adder
 
 
@@ -79,8 +80,8 @@ def samples_from_checkpoint(a, device):
     labels = labels_for(config, a.labels, ckpt)
     resolve_sampling(a, config)
     model, guided = with_guide(model, config, ckpt, device, a.guide, a.guide_scale)
-    if guided:
-        print(f"sampling with {guided}", file=sys.stderr)
+    # named every time: a run saved before a setting existed samples as it did then
+    print(f"sampling: {describe_sampling(a, guided, config.conditional)}", file=sys.stderr)
     images, ys = generate(model, diffusion, a.n, labels, a.cfg_scale, a.sampler, a.steps, a.eta, a.seed,
                           amp_dtype=autocast_dtype(device, a.amp), cfg_min_sigma=a.cfg_min_sigma,
                           corrector_snr=a.corrector_snr, clip=a.clip)

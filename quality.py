@@ -193,7 +193,8 @@ class Evaluator:
         if not os.path.isfile(SHIPPED_JUDGE):
             return None
         saved = load_checkpoint(SHIPPED_JUDGE)
-        if (saved.get("recipe"), saved.get("classes"), saved.get("n")) != (self.recipe, self.classes, len(self.dataset)):
+        wanted = (self.recipe, self.classes, len(self.dataset))
+        if (saved.get("recipe"), saved.get("classes"), saved.get("n")) != wanted:
             return None  # cheap checks first: hashing the images reads them all
         return saved if saved["digest"] == self.content_digest() else None
 

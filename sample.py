@@ -19,7 +19,8 @@ import sys
 from PIL import Image
 
 from hardware import autocast_dtype, pick_device
-from sampling import add_sampling_options, generate, labels_for, load_for_sampling, resolve_sampling, with_guide
+from sampling import (add_sampling_options, describe_sampling, generate, labels_for, load_for_sampling,
+                      resolve_sampling, with_guide)
 from utils import UserError, option_adder, save_images
 
 def check_out(out, overwrite=False):
@@ -112,10 +113,7 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     what = f"labels {','.join(map(str, labels))}" if labels is not None else "unconditional"
-    guided = f", {a.guided}" if a.guided else ""
-    corrected = f", corrector {a.corrector_snr}" if a.corrector_snr else ""
-    clipped = "" if a.clip is None else ", x0 clipped" if a.clip else ", x0 unclipped"
-    print(f"wrote {len(images)} images ({what}, {a.sampler} {a.steps} steps{guided}{corrected}{clipped}) to {a.out}")
+    print(f"wrote {len(images)} images ({what}, {describe_sampling(a, a.guided, labels is not None)}) to {a.out}")
 
 
 if __name__ == "__main__":

@@ -82,6 +82,16 @@ def resolve_sampling(a, config):
     resolve_guidance(a, config)
 
 
+def describe_sampling(a, guided=None, conditional=False):
+    """resolve_sampling's settings in words, for the line that says how samples were drawn; guided: with_guide's
+    note. The clip is always named: a run saved before the setting clips as its sampler does."""
+    clip = SAMPLERS[a.sampler].clip if a.clip is None else a.clip
+    cfg = f", CFG {a.cfg_scale:g}" + (f" where sigma > {a.cfg_min_sigma:g}" if a.cfg_min_sigma else "")
+    return (f"{a.sampler} {a.steps} steps" + (f", {guided}" if guided else "") + (cfg if conditional else "")
+            + (f", corrector {a.corrector_snr}" if a.corrector_snr else "")
+            + (", x0 clipped" if clip else ", x0 unclipped"))
+
+
 def resolve_guidance(a, config):
     """Fill a's unset guidance scale and cut-off from the run's config, and check them."""
     a.cfg_scale = config.cfg_scale if a.cfg_scale is None else a.cfg_scale

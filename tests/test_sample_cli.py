@@ -236,9 +236,9 @@ def test_clip_switch_reaches_the_sampler(tmp_path, capsys):
     grids = {}
     for flags in ([], ["--clip"], ["--no-clip"]):
         out = tmp_path / f"g{len(grids)}.png"
-        code, _, _ = run(["--ckpt", str(ckpt), "--labels", "1", "--n", "4", "--sampler", "ddim", "--steps", "3",
-                          "--seed", "0", *flags, "--out", str(out)], capsys)
-        assert code == 0
+        code, stdout, _ = run(["--ckpt", str(ckpt), "--labels", "1", "--n", "4", "--sampler", "ddim", "--steps", "3",
+                               "--seed", "0", *flags, "--out", str(out)], capsys)
+        assert code == 0 and ("x0 clipped)" in stdout) == (flags == ["--clip"]) and "x0 " in stdout
         grids[" ".join(flags)] = np.asarray(Image.open(out))
     assert np.array_equal(grids[""], grids["--no-clip"])  # the run's setting: the default preset's, unclipped
     assert not np.array_equal(grids[""], grids["--clip"])
@@ -258,3 +258,21 @@ def test_the_runs_clip_goes_with_its_own_sampler():
     assert resolved("--sampler", "dpm++") is None  # the sampler's own choice: dpm++ clips
     assert resolved("--sampler", "dpm++", "--no-clip") is False
     assert resolved("--eta", "0") is None  # deterministic DDIM: its own choice
+
+
+def test_the_sampling_line_names_the_clip_also_when_it_is_the_samplers_own():
+    from sampling import describe_sampling, resolve_sampling
+
+    config = RunConfig(noise_steps=20, sampler="ddim", sample_steps=10, clip=None)  # saved before the setting
+
+    def described(*flags):
+        a = sample.build_parser().parse_args(["--ckpt", "x", *flags])
+        resolve_sampling(a, config)
+        return describe_sampling(a, "autoguidance 2 by g")
+
+    assert described() == "ddim 10 steps, autoguidance 2 by g, corrector 0.3, x0 clipped"  # DDIM's own clip
+    assert described("--sampler", "ddpm") == "ddpm 19 steps, autoguidance 2 by g, x0 unclipped"
+    assert described("--no-clip", "--corrector-snr", "0").endswith("10 steps, autoguidance 2 by g, x0 unclipped")
+    a = sample.build_parser().parse_args(["--ckpt", "x", "--cfg-scale", "1.6", "--cfg-min-sigma", "1"])
+    resolve_sampling(a, config)
+    assert describe_sampling(a, conditional=True) == "ddim 10 steps, CFG 1.6 where sigma > 1, corrector 0.3, x0 clipped"
