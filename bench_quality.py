@@ -31,7 +31,7 @@ from checkpoints import load_checkpoint, load_config
 from config import SECTIONS, check_cfg_min_sigma, check_corrector_snr, own_clip, preset_config, validate
 from hardware import autocast_dtype, pick_device
 from quality import Evaluator
-from sampling import generate, load_for_sampling, with_guide
+from sampling import generate, load_for_sampling, resolve_sampling, with_guide
 from utils import UserError, get_data, option_adder, prepare_mnist
 
 # What each recipe changes from its preset ("default" is the default preset as it is). The ablation takes one
@@ -181,15 +181,15 @@ def score(config, ev, n, device, cfg_scale=None, cfg_min_sigma=None, sample_step
     model, _ = with_guide(model, config, path, device)  # the run's own autoguidance, as sample.py's
     # the saved config knows the class count (a recipe's is None until its data is read in training)
     labels = list(range(saved.num_classes)) if config.conditional else None
+    # what is not given comes from the recipe, as sample.py fills it from a run
+    s = argparse.Namespace(sampler=None, steps=sample_steps, eta=None, corrector_snr=corrector_snr, clip=clip,
+                           cfg_scale=cfg_scale, cfg_min_sigma=cfg_min_sigma)
+    resolve_sampling(s, config)
     results = []
     for draw in range(seed, seed + draws):  # the model and its guide are loaded once for all draws
-        images, ys = generate(model, diffusion, n if config.conditional else 10 * n, labels,
-                              config.cfg_scale if cfg_scale is None else cfg_scale, config.sampler,
-                              sample_steps or config.sample_steps, config.eta, seed=draw, progress=False,
-                              amp_dtype=autocast_dtype(device),
-                              cfg_min_sigma=config.cfg_min_sigma if cfg_min_sigma is None else cfg_min_sigma,
-                              corrector_snr=config.corrector_snr if corrector_snr is None else corrector_snr,
-                              clip=config.clip if clip is None else clip)
+        images, ys = generate(model, diffusion, n if config.conditional else 10 * n, labels, s.cfg_scale, s.sampler,
+                              s.steps, s.eta, seed=draw, progress=False, amp_dtype=autocast_dtype(device),
+                              cfg_min_sigma=s.cfg_min_sigma, corrector_snr=s.corrector_snr, clip=s.clip)
         results.append(ev.evaluate(images, ys))
     return mean_of(results)
 
