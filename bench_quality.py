@@ -7,12 +7,12 @@
     python bench_quality.py --recipes default,original --seeds 0 --steps 250,500,1000,1872 --plot docs/quality.png
 
 Each run trains in models/bench_quality/ on the bundled digits (a subfolder per --dataset-path) from its
-preset with the recipe's changes, for the whole epochs that reach each of --steps (a run of that length; with a
-constant rate, one run resumed exactly from point to point), and is scored there: EMA weights, --n samples per
-label drawn with the run's grid sampler. Runs already there are reused. Conditional models: label accuracy
-(overall and the worst class); unconditional ones: the share of samples the judge classifies with confidence
->= 0.9 and the spread over classes; both: the in-domain FD against held-out real images, next to the
-real-vs-real floor.
+preset with the recipe's changes, for the whole epochs that reach each of --steps (a run of that length; with
+a constant rate, one run resumed exactly from point to point), and is scored there: EMA weights, --n samples
+per label drawn with the run's grid sampler. Runs already there are reused ("reused" in the training-minutes
+column). Conditional models: label accuracy (overall and the worst class); unconditional ones: the share of
+samples the judge classifies with confidence >= 0.9 and the spread over classes; both: the in-domain FD
+against held-out real images, next to the real-vs-real floor.
 """
 import hardware  # noqa: F401, I001  (first: it sets the OpenMP spin before torch loads)
 
@@ -214,7 +214,7 @@ def row(recipe, seed, steps, cfg_scale, r, secs):
         total = sum(r["histogram"])
         first = f"{r['confident']:.3f} | {min(r['histogram']) / total:.3f}-{max(r['histogram']) / total:.3f}"
     return (f"| {recipe} | {seed} | {steps} | {cfg_scale} | {first} | {r['fd']:.1f} | {r['fd_floor']:.1f} "
-            f"| {r['fd'] / r['fd_floor']:.2f} | {secs / 60:.1f} |")
+            f"| {r['fd'] / r['fd_floor']:.2f} | {f'{secs / 60:.1f}' if secs >= 1 else 'reused'} |")
 
 
 def main(argv=None):
@@ -254,7 +254,7 @@ def bench(a, argv):
              f"judge: held-out accuracy {ev.heldout_acc:.3f} (its worst class on real images: "
              f"{min(ev.heldout_class_acc.values()):.3f}; confident about {ev.heldout_confident:.3f} of real "
              f"images); {torch.get_num_threads()} threads, {device}", "",
-             f"| recipe | seed | steps | CFG | {what} | FD | floor | FD / floor | minutes (training so far) |",
+             f"| recipe | seed | steps | CFG | {what} | FD | floor | FD / floor | training minutes |",
              "|---|---|---|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
     results, batch_sizes = {}, {}
@@ -262,12 +262,15 @@ def bench(a, argv):
         for seed in seeds:
             config = recipe_config(recipe, seed, not a.unconditional, dataset_path, folder)
             steps_per_epoch = len(get_data(config))
-            t0 = time.perf_counter()
+            secs = 0.0
             for point in points:
                 epochs = math.ceil(point / steps_per_epoch)
+                t0 = time.perf_counter()
                 run = train_to(config, epochs)
+                # training alone, not the scoring before it: a constant rate resumes one run from point to point
+                took = time.perf_counter() - t0
+                secs = secs + took if config.lr_schedule == "constant" else took
                 steps = epochs * steps_per_epoch
-                secs = time.perf_counter() - t0
                 for cfg_scale in scales or [config.cfg_scale if not a.unconditional else "-"]:
                     r = score(run, ev, a.n, device, cfg_scale if scales else None, a.cfg_min_sigma, a.sample_steps,
                               a.corrector_snr, a.clip, draws=a.draws)

@@ -382,3 +382,31 @@ def test_bench_samplers_scores_the_defaults_unclipped_ddim_beside_the_clipped(tm
     assert {"| DDIM | 50 | 1.0", "| DDIM, unclipped | 50 | 1.0"} <= set(rows)
     # an untrained network's x0 predictions leave the data range: the clip changes what the judge sees
     assert rows["| DDIM | 50 | 1.0"] != rows["| DDIM, unclipped | 50 | 1.0"]
+
+
+def test_bench_quality_reports_the_training_time_alone(tmp_path, monkeypatch, capsys):
+    """The training-minutes column: each point's own run (a schedule trains a run per point), without the
+    scoring of the points before it; a run already there reads "reused"."""
+    import bench_quality
+
+    clock = [0.0]
+
+    def train_to(config, epochs):
+        clock[0] += 0 if epochs == 1 else 60 * epochs  # the one-epoch run is already there
+        return config
+
+    def score(*args, **kwargs):
+        clock[0] += 600
+        return {"confident": 0.9, "histogram": [1, 1], "fd": 2.0, "fd_floor": 1.0}
+
+    monkeypatch.setattr(bench_quality, "time", argparse.Namespace(perf_counter=lambda: clock[0]))
+    monkeypatch.setattr(bench_quality, "train_to", train_to)
+    monkeypatch.setattr(bench_quality, "score", score)
+    monkeypatch.setattr(bench_quality, "get_data", lambda config: [None] * 10)  # 10 steps an epoch
+    monkeypatch.setattr(bench_quality, "prepare_mnist", lambda: "data/mnist")
+    monkeypatch.setattr(bench_quality, "Evaluator", lambda *a, **kw: argparse.Namespace(
+        heldout_acc=1.0, heldout_class_acc={0: 1.0}, heldout_confident=1.0))
+    monkeypatch.chdir(tmp_path)
+    bench_quality.main(["--unconditional", "--recipes", "default", "--steps", "10,20,30", "--out", "table.md"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| default")]
+    assert [row.split("|")[-2].strip() for row in rows] == ["reused", "2.0", "3.0"]
