@@ -28,7 +28,8 @@ import torch
 
 import train
 from checkpoints import load_checkpoint, load_config
-from config import SECTIONS, check_cfg_min_sigma, check_corrector_snr, own_clip, preset_config, validate
+from config import (CLUSTERED_DEFAULTS, SECTIONS, check_cfg_min_sigma, check_corrector_snr, own_clip, preset_config,
+                    validate)
 from hardware import autocast_dtype, pick_device
 from quality import Evaluator
 from sampling import generate, load_for_sampling, resolve_sampling, with_guide
@@ -54,6 +55,8 @@ RECIPES = {
     "guide-at-0.5": ("default", dict(guide_at=0.5)),
     # measured on the unconditional default and not adopted (docs/quality.md): a wider network, a slower EMA, a
     # higher rate, the loss weighted otherwise over the timesteps, the same images in twice the steps
+    # unconditional: classes found by k-means of the images, guided by CFG (ddpm.py --clusters K, docs/quality.md)
+    **{f"clusters-{k}": ("default", dict(clusters=k, **CLUSTERED_DEFAULTS)) for k in (10, 40, 100)},
     "width-24": ("default", dict(base_width=24)),
     "width-32": ("default", dict(base_width=32)),
     "ema-0.995": ("default", dict(ema_beta=0.995)),
@@ -93,12 +96,12 @@ def build_parser():
     opt("--steps", default="1000", help="comma-separated optimizer steps to score at (each rounded up to "
                                         "a whole epoch; default: 1000)")
     opt("--unconditional", action="store_true", help="ddpm.py's model instead of ddpm_conditional.py's")
-    opt("--cfg-scales", help="conditional: comma-separated guidance scales to score each point at (default: "
-                              "the run's)")
+    opt("--cfg-scales", help="conditional and clusters-K recipes: comma-separated guidance scales to score each "
+                              "point at (default: the run's)")
     opt("--sample-steps", type=int, help="network evaluations per sample to score with (default: the recipe's)")
     opt("--corrector-snr", type=float, help="score with this Langevin corrector (0: none; default: the recipe's)")
-    opt("--cfg-min-sigma", type=float, help="conditional: guide only at noise levels above this, 0: at every "
-                                            "step (default: the recipe's)")
+    opt("--cfg-min-sigma", type=float, help="conditional and clusters-K: guide only at noise levels above this, "
+                                            "0: at every step (default: the recipe's)")
     opt("--clip", action=argparse.BooleanOptionalAction, help="clip each step's x0 prediction to the data range "
                                                               "(default: the recipe's)")
     opt("--n", type=int, default=50, help="samples per label (unconditional: 10x this in all; default: 50)")
@@ -136,7 +139,7 @@ def recipe_changes(saved, config):
     """What a saved run trained with that this recipe does not ("name saved, not wanted" strings): a run is
     reused only if its network, diffusion, data and training settings all match, whatever its length."""
     keys = [k for section in ("network", "diffusion", "data", "training") for k in SECTIONS[section]
-            if k not in ("epochs", "data_seed")]
+            if k not in ("epochs", "data_seed", "cluster_sizes")]  # the last: what the data and the seed decide
 
     def setting(c, k):
         value = getattr(c, k)
@@ -189,7 +192,8 @@ def score(config, ev, n, device, cfg_scale=None, cfg_min_sigma=None, sample_step
     for draw in range(seed, seed + draws):  # the model and its guide are loaded once for all draws
         images, ys = generate(model, diffusion, n if config.conditional else 10 * n, labels, s.cfg_scale, s.sampler,
                               s.steps, s.eta, seed=draw, progress=False, amp_dtype=autocast_dtype(device),
-                              cfg_min_sigma=s.cfg_min_sigma, corrector_snr=s.corrector_snr, clip=s.clip)
+                              cfg_min_sigma=s.cfg_min_sigma, corrector_snr=s.corrector_snr, clip=s.clip,
+                              clusters=saved.cluster_sizes)
         results.append(ev.evaluate(images, ys))
     return mean_of(results)
 
@@ -230,7 +234,7 @@ def bench(a, argv):
     try:
         recipes, seeds = a.recipes.split(","), [int(s) for s in a.seeds.split(",")]
         points = sorted(int(s) for s in a.steps.split(","))
-        scales = [float(s) for s in a.cfg_scales.split(",")] if a.cfg_scales and not a.unconditional else []
+        scales = [float(s) for s in a.cfg_scales.split(",")] if a.cfg_scales else []
     except ValueError:
         raise UserError(f"--seeds {a.seeds} / --steps {a.steps} / --cfg-scales {a.cfg_scales}: comma-separated "
                         "numbers, e.g. --seeds 0,1,2 --steps 250,500") from None
@@ -238,6 +242,8 @@ def bench(a, argv):
     if unknown or min(points) <= 0 or a.n <= 0 or a.draws <= 0:
         raise UserError(f"--recipes {a.recipes} / --steps {a.steps} / --n {a.n} / --draws {a.draws}: recipes from "
                         f"{', '.join(RECIPES)}, positive steps, --n and --draws")
+    if scales and a.unconditional and not all(RECIPES[r][1].get("clusters") for r in recipes):
+        raise UserError("--cfg-scales guides by labels: of the unconditional recipes only clusters-K have them")
     device = pick_device(a.device)
     dataset_path, folder = a.dataset_path or prepare_mnist(), run_folder(a.dataset_path)
     probe = recipe_config(recipes[0], seeds[0], not a.unconditional, dataset_path, folder)
@@ -271,7 +277,7 @@ def bench(a, argv):
                 took = time.perf_counter() - t0
                 secs = secs + took if config.lr_schedule == "constant" else took
                 steps = epochs * steps_per_epoch
-                for cfg_scale in scales or [config.cfg_scale if not a.unconditional else "-"]:
+                for cfg_scale in scales or [config.cfg_scale if config.takes_labels else "-"]:
                     r = score(run, ev, a.n, device, cfg_scale if scales else None, a.cfg_min_sigma, a.sample_steps,
                               a.corrector_snr, a.clip, draws=a.draws)
                     label = recipe if len(scales) < 2 else f"{recipe}, CFG {cfg_scale}"

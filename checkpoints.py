@@ -3,7 +3,7 @@
 A run folder models/<run>/ holds ckpt.pt, ema_ckpt.pt and optim.pt (plain state_dicts of CPU tensors, as the
 original wrote them), state.pt (the rest that resuming needs: epoch, step, EMA counter, scaler, RNG states)
 and config.json (the run's settings, config.RunConfig). The original's bare checkpoints, with no config
-beside them, are read by their tensor shapes.
+beside them, are read by their tensor shapes. --overwrite replaces a run's files only once the new run saves.
 """
 import dataclasses
 import json
@@ -232,3 +232,23 @@ def load_model(ckpt, device="cpu"):
     config = load_config(os.path.dirname(os.path.abspath(ckpt))) or config_from_weights(sd, ckpt)
     model = load_weights(config.make_model(), sd, ckpt)
     return model.to(device).eval(), config
+
+
+def old_run_outputs(c, resuming, overwrite):
+    """What --overwrite replaces: another run's checkpoints, grids and TensorBoard files under this name, each
+    with what tells that version of it apart (without --overwrite, an error). save() removes those the new
+    run has not rewritten by its first save: a new run that fails before then leaves the old one whole."""
+    found = [f for f in RUN_FILES if os.path.exists(os.path.join("models", c.run_name, f))]
+    if found and not resuming and not overwrite:
+        raise UserError(f"models/{c.run_name} already holds a run ({', '.join(found)}): pass --resume to "
+                        "continue it, --overwrite to replace it, or choose another --run-name")
+    if resuming or not found:
+        return {}
+    folders = [os.path.join(top, c.run_name) for top in ("models", "results", "runs")]
+    paths = [os.path.join(d, f) for d in folders if os.path.isdir(d) for f in os.listdir(d)]
+    return {p: file_version(p) for p in paths if os.path.isfile(p)}
+
+
+def file_version(path):
+    st = os.stat(path)
+    return st.st_ino, st.st_size, st.st_mtime_ns

@@ -15,6 +15,7 @@ from utils import UserError
 class RunConfig:
     # the network (modules.UNet / UNet_conditional)
     conditional: bool = False
+    clusters: int = 0  # ddpm.py: condition on this many k-means clusters of the images and guide with them (0: not)
     channels: int = None  # c_in = c_out; None: 1 for the bundled digits, else 3
     base_width: int = 16
     num_classes: int = None  # None: the dataset's class count, set when the data is read (the digits: 10)
@@ -28,6 +29,7 @@ class RunConfig:
     image_size: int = 16
     dataset_path: str = None  # None: the bundled MNIST digits
     crop: str = "center"  # or "random": the original's zooming crops
+    cluster_sizes: list = None  # --clusters: images per cluster, set when the images are clustered
     # the training recipe
     epochs: int = 12  # 1,872 steps of 32 on the bundled digits
     batch_size: int = 32
@@ -67,8 +69,13 @@ class RunConfig:
     cuda_graphs: bool = True  # one process on a GPU: replay the network's step as CUDA graphs (train.py)
     amp: bool = True
 
+    @property
+    def takes_labels(self):
+        """The network is UNet_conditional: labels are the dataset's classes, or --clusters' clusters."""
+        return self.conditional or bool(self.clusters)
+
     def make_model(self):
-        if self.conditional:
+        if self.takes_labels:
             return UNet_conditional(self.channels, self.channels, self.time_dim, self.num_classes,
                                     base_width=self.base_width)
         return UNet(self.channels, self.channels, self.time_dim, base_width=self.base_width)
@@ -91,9 +98,9 @@ class RunConfig:
 
 
 SECTIONS = {
-    "network": ("conditional", "channels", "base_width", "num_classes", "time_dim"),
+    "network": ("conditional", "clusters", "channels", "base_width", "num_classes", "time_dim"),
     "diffusion": ("noise_steps", "beta_start", "beta_end", "prediction"),
-    "data": ("image_size", "dataset_path", "crop"),
+    "data": ("image_size", "dataset_path", "crop", "cluster_sizes"),
     "training": ("epochs", "batch_size", "lr", "adam_beta2", "warmup_steps", "lr_schedule", "lr_floor", "grad_clip",
                  "min_snr_gamma", "timesteps", "ema", "ema_beta", "ema_start", "guide_at",
                  "label_dropout", "label_dropout_mode", "seed", "data_seed"),
@@ -121,9 +128,11 @@ CONDITIONAL_PRESETS = {  # ddpm_conditional.py's own differences; CFG guides the
     "default": dict(n_samples=80, guide_at=0.0, sample_steps=50, corrector_snr=0.0),
     "original": dict(batch_size=14, epochs=300, sample_interval=10, n_samples=10, ema=True),
 }
+# a --clusters run of the default preset: CFG by its clusters guides it, at 50 steps (docs/quality.md)
+CLUSTERED_DEFAULTS = dict(guide_at=0.0, sample_steps=50, corrector_snr=0.0, cfg_scale=2.5)
 # settings added to config.json later, and what a run saved without them trained with
 ADDED_LATER = dict(timesteps="uniform", cfg_min_sigma=0.0, adam_beta2=0.999, guide_at=0.0, guide_scale=1.0,
-                   corrector_snr=0.0, clip=None)
+                   corrector_snr=0.0, clip=None, clusters=0, cluster_sizes=None)
 # what a run of an earlier version (its state.pt "args", no config.json) trained with, where its args are silent
 # (and bare checkpoints, the original's: they sample as they always did here, DDIM-50)
 LEGACY = dict(crop="random", prediction="eps", warmup_steps=0, lr_floor=0.0, grad_clip=0.0,
@@ -187,6 +196,10 @@ def validate(c):
     if c.image_size % 8:
         raise UserError(f"--image-size {c.image_size} is not a multiple of 8 (the UNet halves it three "
                         f"times): try {max(8, c.image_size // 8 * 8)}")
+    if c.clusters < 0 or c.clusters == 1:
+        raise UserError(f"--clusters must be 0 (off) or at least 2, got {c.clusters}")
+    if c.clusters and c.conditional:
+        raise UserError("--clusters finds classes for an unconditional run (ddpm.py): a conditional run has its own")
     if not 0 <= c.label_dropout <= 1:
         raise UserError(f"--label-dropout must lie in [0, 1], got {c.label_dropout}")
     if c.noise_steps < 2:

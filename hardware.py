@@ -116,7 +116,7 @@ def cuda_graphed(model, c, device, amp_dtype, memory_format):
     n, side = c.batch_size, c.image_size
     x = torch.randn(n, c.channels, side, side, generator=g, device=device).contiguous(memory_format=memory_format)
     args = (x, torch.randint(1, c.noise_steps, (n,), generator=g, device=device))
-    if c.conditional:
+    if c.takes_labels:
         args += (torch.randint(-1, c.num_classes, (n,), generator=g, device=device),)
     # The parameters' gradient nodes are made on the capture's warm-up stream and kept by its graph; PyTorch
     # (2.10 on, where the switch exists) warns of the event each step's backward then waits on. Measured, kept.

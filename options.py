@@ -5,7 +5,7 @@ import dataclasses
 import os
 
 from checkpoints import load_config
-from config import PRESETS, RUN_DEFINING, own_clip, preset_config, validate
+from config import CLUSTERED_DEFAULTS, PRESETS, RUN_DEFINING, own_clip, preset_config, validate
 from diffusion import PREDICTIONS, SAMPLERS
 from utils import UserError, option_adder
 
@@ -17,10 +17,10 @@ def add_grid_options(opt, conditional):
     opt("--sampler", choices=SAMPLERS, help="sampler for the grids")
     opt("--sample-steps", type=int, help="network evaluations per grid image (ddpm: all)")
     opt("--eta", type=float, help="DDIM noise: 0 deterministic, 1 DDPM-like")
-    if conditional:
-        opt("--cfg-scale", type=float, help="classifier-free guidance scale for the grids")
-        opt("--cfg-min-sigma", type=float, help="guide the grids only at noise levels sigma_t above this (1: "
-                                                 "t >= 259); 0: at every step")
+    opt("--cfg-scale", type=float, help="classifier-free guidance scale for the grids"
+                                        + ("" if conditional else " (--clusters runs)"))
+    opt("--cfg-min-sigma", type=float, help="guide the grids only at noise levels sigma_t above this (1: "
+                                             "t >= 259); 0: at every step")
     opt("--guide-scale", type=float, help="autoguidance scale for the grids, sample.py and evaluate.py once the "
                                           "run has its guide (--guide-at); 1: off")
     opt("--corrector-snr", type=float, help="a Langevin corrector step after each grid sampling step, of this "
@@ -92,6 +92,9 @@ def parse_args(conditional, argv=None):
         opt("--label-dropout-mode", choices=("sample", "batch"),
             help="drop labels per sample, or whole batches as the original")
     else:
+        opt("--clusters", type=int, help="find this many clusters of the images by k-means (no labels), train "
+                                         "on them as classes and guide the samples with them (CFG); 0: off. "
+                                         "The checkpoints are then UNet_conditional's (docs/quality.md)")
         opt("--ema", action=argparse.BooleanOptionalAction, help="also keep an EMA model (ema_ckpt.pt); "
                                                                  "on in the default preset")
     args = p.parse_args(argv)
@@ -125,7 +128,12 @@ def resolve_args(args):
         base = saved
     else:
         base = preset_config(preset, args.conditional)
+        if explicit.get("clusters") and preset == "default":
+            base = dataclasses.replace(base, **CLUSTERED_DEFAULTS)
     config = dataclasses.replace(base, **explicit)
+    if not config.takes_labels and {"cfg_scale", "cfg_min_sigma"} & set(explicit):
+        raise UserError("--cfg-scale / --cfg-min-sigma guide by labels: this run has none (pass --clusters K, "
+                        "or use --guide-scale, its autoguidance)")
     if "clip" not in explicit:
         config.clip = own_clip(base, config.sampler, config.eta)
     config.run_name = run_name

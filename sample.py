@@ -106,14 +106,16 @@ def main(argv=None):
         ckpt, model, config, labels, diffusion, as_dir = resolve(a)
         images, ys = generate(model, diffusion, a.n, labels, a.cfg_scale, a.sampler, a.steps, a.eta, a.seed,
                               a.batch_size, not a.no_progress, autocast_dtype(diffusion.device, a.amp),
-                              cfg_min_sigma=a.cfg_min_sigma, corrector_snr=a.corrector_snr, clip=a.clip)
+                              cfg_min_sigma=a.cfg_min_sigma, corrector_snr=a.corrector_snr, clip=a.clip,
+                              clusters=config.cluster_sizes)
         nrow = a.n if labels is not None and a.n <= 16 else min(16, len(images))
         write(images, ys, a.out, as_dir, nrow)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    what = f"labels {','.join(map(str, labels))}" if labels is not None else "unconditional"
-    print(f"wrote {len(images)} images ({what}, {describe_sampling(a, a.guided, labels is not None)}) to {a.out}")
+    what = f"labels {','.join(map(str, labels))}" if labels is not None else \
+        f"unconditional, drawn from its {config.clusters} clusters" if config.clusters else "unconditional"
+    print(f"wrote {len(images)} images ({what}, {describe_sampling(a, a.guided, config.takes_labels)}) to {a.out}")
 
 
 if __name__ == "__main__":

@@ -82,12 +82,12 @@ def resolve_sampling(a, config):
     resolve_guidance(a, config)
 
 
-def describe_sampling(a, guided=None, conditional=False):
+def describe_sampling(a, guided=None, takes_labels=False):
     """resolve_sampling's settings in words, for the line that says how samples were drawn; guided: with_guide's
     note. The clip is always named: a run saved before the setting clips as its sampler does."""
     clip = SAMPLERS[a.sampler].clip if a.clip is None else a.clip
     cfg = f", CFG {a.cfg_scale:g}" + (f" where sigma > {a.cfg_min_sigma:g}" if a.cfg_min_sigma else "")
-    return (f"{a.sampler} {a.steps} steps" + (f", {guided}" if guided else "") + (cfg if conditional else "")
+    return (f"{a.sampler} {a.steps} steps" + (f", {guided}" if guided else "") + (cfg if takes_labels else "")
             + (f", corrector {a.corrector_snr}" if a.corrector_snr else "")
             + (", x0 clipped" if clip else ", x0 unclipped"))
 
@@ -121,7 +121,7 @@ def with_guide(model, config, ckpt, device, guide=None, scale=None):
     guide_path, guide_model, guide_config, _ = load_for_sampling(
         guide, device, image_size=config.image_size, noise_steps=config.noise_steps if bare else None)
     differ = [f"{k} {getattr(guide_config, k)} (the model's: {getattr(config, k)})" for k in GUIDE_MUST_MATCH
-              if getattr(guide_config, k) != getattr(config, k) and (k != "num_classes" or config.conditional)]
+              if getattr(guide_config, k) != getattr(config, k) and (k != "num_classes" or config.takes_labels)]
     if differ:
         raise UserError(f"--guide {guide}: it must be the same kind of model, trained on the same data; its "
                         + ", ".join(differ))
@@ -152,14 +152,22 @@ def labels_for(config, text, ckpt="the checkpoint"):
     return None
 
 
+def cluster_draws(sizes, n, generator=None):
+    """n clusters of a --clusters run, each drawn in proportion to the images in it: the images' own mix."""
+    return torch.multinomial(torch.tensor(sizes, dtype=torch.float), n, replacement=True, generator=generator)
+
+
 def generate(model, diffusion, n, labels=None, cfg_scale=3.0, sampler="ddim", steps=None, eta=1.0,
              seed=None, batch_size=500, progress=True, amp_dtype=None, cfg_min_sigma=0.0, corrector_snr=0.0,
-             clip=None):
+             clip=None, clusters=None):
     """n images per label (or n in all without labels) as uint8 (N, C, H, W), label-major, and their labels
     (None for an unconditional model). The same seed and batch size give the same images. amp_dtype: the
-    network runs under that autocast (hardware.autocast_dtype), None for fp32. clip: Diffusion.sample's."""
+    network runs under that autocast (hardware.autocast_dtype), None for fp32. clip: Diffusion.sample's.
+    clusters: a --clusters run's cluster_sizes; each image's cluster is drawn from them (and not returned)."""
     g = torch.Generator().manual_seed(seed) if seed is not None else None
     all_labels = torch.tensor(labels).repeat_interleave(n) if labels is not None else None
+    if clusters is not None:
+        all_labels = cluster_draws(clusters, n, g)
     total = n * len(labels) if labels is not None else n
     out = []
     for i in range(0, total, batch_size):
@@ -169,4 +177,4 @@ def generate(model, diffusion, n, labels=None, cfg_scale=3.0, sampler="ddim", st
             out.append(diffusion.sample(model, b, y, cfg_scale=cfg_scale, sampler=sampler, steps=steps, eta=eta,
                                         generator=g, progress=progress, cfg_min_sigma=cfg_min_sigma,
                                         corrector_snr=corrector_snr, clip=clip).cpu())
-    return torch.cat(out), all_labels
+    return torch.cat(out), all_labels if labels is not None else None

@@ -20,14 +20,15 @@ import torch.distributed as dist
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from checkpoints import (GUIDE_FILE, RUN_FILES, atomic_save, cpu_state_dict, load_checkpoint, load_run,
-                         load_weights, match_state_layout, rng_state, save_run, set_rng_state)
+from checkpoints import (GUIDE_FILE, atomic_save, cpu_state_dict, file_version, load_checkpoint, load_run,
+                         load_weights, match_state_layout, old_run_outputs, rng_state, save_run, set_rng_state)
 from config import guide_epoch
 from options import parse_args, resolve_args
 from hardware import (autocast, autocast_dtype, cuda_graphed, fast_memory_format, precision_name,
                       setup_distributed)
 from modules import EMA, Autoguided
-from utils import UserError, get_data, prepare_mnist, save_images, setup_logging
+from sampling import cluster_draws
+from utils import UserError, cluster_images, get_data, prepare_mnist, save_images, setup_logging
 
 
 # ---- one run's pieces --------------------------------------------------------------------------------
@@ -87,7 +88,7 @@ def train_step(run, images, labels):
     net = run.net if run.graphed_batch in (None, len(images)) else run.model
     # a CUDA graph holds its own casts, so no autocast cache beside it (make_graphed_callables refuses one)
     with autocast(run.device, run.amp_dtype, cache_enabled=run.graphed_batch is None):
-        if c.conditional:
+        if c.takes_labels:
             out = net(x_t, t, drop_labels(labels.to(run.device, non_blocking=True), u, c))
         else:
             out = net(x_t, t)
@@ -163,6 +164,8 @@ def sample_grid(run, model):
     c = run.config
     g = torch.Generator().manual_seed(0 if c.seed is None else c.seed)
     labels = torch.arange(c.n_samples) % c.num_classes if c.conditional else None
+    if c.clusters:  # drawn as the images fall into them, as sample.py draws them
+        labels = cluster_draws(c.cluster_sizes, c.n_samples, g)
     if run.guide_model is not None and c.guide_scale != 1:
         model = Autoguided(model, run.guide_model, c.guide_scale)
     with autocast(run.device, run.amp_dtype):
@@ -241,26 +244,6 @@ class StopFlag:
         return bool(flag.item())
 
 
-def old_run_outputs(c, resuming, overwrite):
-    """What --overwrite replaces: another run's checkpoints, grids and TensorBoard files under this name, each
-    with what tells that version of it apart (without --overwrite, an error). save() removes those the new
-    run has not rewritten by its first save: a new run that fails before then leaves the old one whole."""
-    found = [f for f in RUN_FILES if os.path.exists(os.path.join("models", c.run_name, f))]
-    if found and not resuming and not overwrite:
-        raise UserError(f"models/{c.run_name} already holds a run ({', '.join(found)}): pass --resume to "
-                        "continue it, --overwrite to replace it, or choose another --run-name")
-    if resuming or not found:
-        return {}
-    folders = [os.path.join(top, c.run_name) for top in ("models", "results", "runs")]
-    paths = [os.path.join(d, f) for d in folders if os.path.isdir(d) for f in os.listdir(d)]
-    return {p: file_version(p) for p in paths if os.path.isfile(p)}
-
-
-def file_version(path):
-    st = os.stat(path)
-    return st.st_ino, st.st_size, st.st_mtime_ns
-
-
 def prepare_run_dir(c, rank):
     """Check that the run's outputs can be written."""
     if rank == 0:
@@ -292,8 +275,16 @@ def prepare_data(c, rank, world, device):
         c.data_seed = box[0]
     if c.num_workers is None:
         c.num_workers = 4 if device.type == "cuda" else 0
-    dataloader = get_data(c)
-    classes = len(dataloader.dataset.classes)
+    labels = None
+    if c.clusters:  # classes found without labels, the same on every rank; a resumed run must find its own
+        labels = cluster_images(c.dataset_path, c.image_size, c.channels, c.clusters, c.data_seed)
+        sizes = torch.bincount(labels, minlength=c.clusters).tolist()
+        if c.cluster_sizes not in (None, sizes):
+            raise UserError(f"--resume: the images of {c.dataset_path} no longer fall into the clusters this run "
+                            "started with (were images added or removed?); start a new run")
+        c.cluster_sizes = sizes
+    dataloader = get_data(c, labels=labels)
+    classes = c.clusters or len(dataloader.dataset.classes)
     c.num_classes = classes if c.num_classes is None else c.num_classes
     if c.conditional and classes > c.num_classes:
         raise UserError(f"--dataset-path {c.dataset_path} has {classes} classes but "

@@ -132,6 +132,60 @@ def make_dataset(root, image_size, channels, crop):
     return dataset
 
 
+class Relabeled(Dataset):
+    """A dataset with each image's label replaced (by its cluster: --clusters)."""
+
+    def __init__(self, dataset, labels):
+        self.dataset, self.labels = dataset, labels.tolist()
+        self.classes = [str(k) for k in range(max(self.labels) + 1)]
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        return self.dataset[i][0], self.labels[i]
+
+
+def cluster_images(root, image_size, channels, k, seed=0, restarts=3, iterations=100):
+    """Each image's cluster, a LongTensor: k-means (k-means++ starts, the lowest cost of `restarts`) of the
+    images as the model sees them, centre cropped and averaged down to at most 16x16 pixels. Labels found
+    without labels, to guide an unconditional model with (Bao et al. 2022, Hu et al. 2023). Under
+    torch.distributed every rank gets rank 0's, so that no rank differs by a rounding."""
+    dataset = make_dataset(root, image_size, channels, "center")
+    if k > len(dataset):
+        raise UserError(f"--clusters {k}: more clusters than the {len(dataset)} images of {root}; "
+                        f"try about {max(2, len(dataset) // 125)}")
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if distributed and torch.distributed.get_rank() > 0:
+        box = [None]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+    side = min(16, image_size)
+    x = torch.stack([torch.nn.functional.adaptive_avg_pool2d(dataset[i][0], side).flatten()
+                     for i in range(len(dataset))])
+    g = torch.Generator().manual_seed(seed)
+    best, best_cost = None, float("inf")
+    for _ in range(restarts):
+        centres = x[torch.randint(len(x), (1,), generator=g)]
+        for _ in range(k - 1):  # k-means++: each next start drawn in proportion to its squared distance
+            d2 = torch.cdist(x, centres).min(1).values ** 2 + 1e-12
+            centres = torch.cat([centres, x[torch.multinomial(d2, 1, generator=g)]])
+        for _ in range(iterations):
+            assign = torch.cdist(x, centres).argmin(1)
+            counts = torch.bincount(assign, minlength=k)[:, None]
+            moved = torch.where(counts > 0, torch.zeros_like(centres).index_add_(0, assign, x) / counts.clamp(min=1),
+                                centres)
+            if torch.equal(moved, centres):
+                break
+            centres = moved
+        distance, assign = torch.cdist(x, centres).min(1)
+        if (cost := float((distance ** 2).sum())) < best_cost:
+            best, best_cost = assign, cost
+    if distributed:
+        torch.distributed.broadcast_object_list([best], src=0)
+    return best
+
+
 class SeededSamples(Dataset):
     """A dataset read by (epoch, index) keys, each sample's random transforms (the random crop) drawn from
     (seed, epoch, index) alone: with any number of workers, and after a resume, every image is cropped as in
@@ -194,12 +248,14 @@ def leave_stops_to_the_main_process(worker_id):
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def get_data(args, shuffle=True):
+def get_data(args, shuffle=True, labels=None):
     """A DataLoader over args.dataset_path as in the original (args: a config.RunConfig or any object with
     dataset_path, image_size, batch_size; channels, crop, num_workers, seed optional); sharded per rank under
-    torch.distributed."""
+    torch.distributed. labels: one per image, in place of its class (cluster_images)."""
     dataset = make_dataset(args.dataset_path, args.image_size, getattr(args, "channels", None) or 3,
                            getattr(args, "crop", "random"))
+    if labels is not None:
+        dataset = Relabeled(dataset, labels)
     workers = getattr(args, "num_workers", 0) or 0
     rank, world = 0, 1
     if torch.distributed.is_available() and torch.distributed.is_initialized():

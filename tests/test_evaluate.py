@@ -277,7 +277,7 @@ def test_bench_quality_scores_with_the_sampling_steps_asked(tmp_path, monkeypatc
 
     config = bench_quality.recipe_config("default", 0, False, None, bench_quality.FOLDER)
     steps = []
-    monkeypatch.setattr(bench_quality, "load_for_sampling", lambda path, device: (path, "model", None, "diffusion"))
+    monkeypatch.setattr(bench_quality, "load_for_sampling", lambda path, device: (path, "model", config, "diffusion"))
     monkeypatch.setattr(bench_quality, "with_guide", lambda model, *a: (model, None))
     monkeypatch.setattr(bench_quality, "generate",
                         lambda *a, **kw: steps.append((a[6], kw["seed"], kw["clip"])) or (None, None))
@@ -288,8 +288,8 @@ def test_bench_quality_scores_with_the_sampling_steps_asked(tmp_path, monkeypatc
     # a conditional run trained earlier: the class count comes from its saved config, not the recipe's None
     conditional = bench_quality.recipe_config("default", 0, True, None, bench_quality.FOLDER)
     assert conditional.num_classes is None
-    monkeypatch.setattr(bench_quality, "load_for_sampling",
-                        lambda path, device: (path, "model", argparse.Namespace(num_classes=3), "diffusion"))
+    saved = argparse.Namespace(num_classes=3, cluster_sizes=None)
+    monkeypatch.setattr(bench_quality, "load_for_sampling", lambda path, device: (path, "model", saved, "diffusion"))
     monkeypatch.setattr(bench_quality, "generate", lambda *a, **kw: steps.append(a[3]) or (None, None))
     bench_quality.score(conditional, judge, 1, torch.device("cpu"))
     assert steps[-1] == [0, 1, 2]

@@ -275,4 +275,5 @@ def test_the_sampling_line_names_the_clip_also_when_it_is_the_samplers_own():
     assert described("--no-clip", "--corrector-snr", "0").endswith("10 steps, autoguidance 2 by g, x0 unclipped")
     a = sample.build_parser().parse_args(["--ckpt", "x", "--cfg-scale", "1.6", "--cfg-min-sigma", "1"])
     resolve_sampling(a, config)
-    assert describe_sampling(a, conditional=True) == "ddim 10 steps, CFG 1.6 where sigma > 1, corrector 0.3, x0 clipped"
+    assert describe_sampling(a, takes_labels=True) == \
+        "ddim 10 steps, CFG 1.6 where sigma > 1, corrector 0.3, x0 clipped"
