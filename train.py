@@ -307,7 +307,8 @@ def train(c, resuming=False, overwrite=False, stop=None):
         return run.model
     logger = SummaryWriter(os.path.join("runs", c.run_name)) if rank == 0 else None
     if rank == 0:
-        print(f"run {c.run_name}: {len(dataloader.dataset)} images from {c.dataset_path}, {device}, "
+        clustered = f" in {c.clusters} k-means clusters" if c.clusters else ""
+        print(f"run {c.run_name}: {len(dataloader.dataset)} images from {c.dataset_path}{clustered}, {device}, "
               f"{world} process(es) x batch {c.batch_size}, {precision_name(run.amp_dtype)}; "
               f"outputs in runs/, results/, models/{c.run_name}/")
     for epoch in range(start_epoch, c.epochs):

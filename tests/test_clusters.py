@@ -63,6 +63,7 @@ def test_a_clusters_run_trains_on_its_clusters_and_resumes_only_on_the_same(tmp_
     monkeypatch.setattr(train, "drop_labels", spy)
     args = ["--dataset-path", folder, "--clusters", "2", "--run-name", "k", *TINY]
     train.main(False, [*args, "--epochs", "1"])
+    assert "12 images from " + folder + " in 2 k-means clusters" in capsys.readouterr().out
     # a flat folder labels every image 0: the network saw the two clusters instead
     assert torch.cat(seen).unique().tolist() == [0, 1]
     config = json.load(open("models/k/config.json"))
