@@ -53,10 +53,10 @@ RECIPES = {
     # unconditional: the same model guided by its EMA after an eighth or a half of the epochs; not adopted (sampling.md)
     "guide-at-0.125": ("default", dict(guide_at=0.125)),
     "guide-at-0.5": ("default", dict(guide_at=0.5)),
-    # measured on the unconditional default and not adopted (docs/quality.md): a wider network, a slower EMA, a
-    # higher rate, the loss weighted otherwise over the timesteps, the same images in twice the steps
     # unconditional: classes found by k-means of the images, guided by CFG (ddpm.py --clusters K, docs/quality.md)
     **{f"clusters-{k}": ("default", dict(clusters=k, **CLUSTERED_DEFAULTS)) for k in (10, 40, 100)},
+    # measured on the unconditional default and not adopted (docs/quality.md): a wider network, a slower EMA, a
+    # higher rate, the loss weighted otherwise over the timesteps, the same images in twice the steps
     "width-24": ("default", dict(base_width=24)),
     "width-32": ("default", dict(base_width=32)),
     "ema-0.995": ("default", dict(ema_beta=0.995)),
