@@ -115,3 +115,16 @@ def test_sample_unconditional_is_guided_by_the_runs_guide(tmp_path):
             rows[name] = np.asarray(img.convert("L"), dtype=np.int16)
     assert np.abs(rows["plain"] - rows["guided"]).mean() > 1
     assert np.array_equal(rows["plain"], rows["off"])
+
+
+def test_sample_unconditional_samples_a_clusters_run_by_its_clusters(tmp_path):
+    import json
+
+    ckpt = tiny_ckpt(tmp_path, UNet_conditional(c_in=1, c_out=1, num_classes=2, base_width=8))
+    with open(tmp_path / "config.json", "w") as f:  # as `python ddpm.py --clusters 2` leaves it
+        json.dump({"diffusion": {"prediction": "v"}, "data": {"cluster_sizes": [0, 3]},
+                   "sample_grids": {"cfg_scale": 2.5, "cfg_min_sigma": 1.0, "sample_steps": 50,
+                                    "corrector_snr": 0.0}}, f)
+    r = run_example("sample_unconditional.py", ["--ckpt", ckpt, "--n", "2", *FAST], tmp_path)
+    assert r.returncode == 0, r.stderr
+    the_plot(tmp_path)
