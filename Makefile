@@ -21,7 +21,7 @@ train: setup
 train-conditional: setup
 	$(BIN)/python ddpm_conditional.py
 
-# With a GPU: everything CUDA-specific in one go (about 10 minutes on one GPU, most of it compiling): the
+# With a GPU: everything CUDA-specific in one go (about 6 minutes on an H200, most of it compiling): the
 # suite's CUDA and compile tests, the speed table with and without torch.compile, two epochs of the default
 # run eager and with CUDA graphs (compare the progress bars' it/s), sample.py and evaluate.py on the GPU, and
 # a one-process NCCL run under torchrun. RUN=python3 uses a python that already has torch (the last step then needs mlxtend, or a

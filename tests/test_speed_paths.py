@@ -196,8 +196,11 @@ def test_cuda_graph_steps_match_eager_steps(monkeypatch):
         images, labels = torch.rand(n, 1, 16, 16, generator=g) * 2 - 1, torch.randint(0, 10, (n,), generator=g)
         eager_mse, graphed_mse = (train.train_step(r, images, labels) for r in runs)
         torch.testing.assert_close(graphed_mse, eager_mse, rtol=1e-4, atol=1e-6)
+    # Adam moves a weight by up to lr a step whatever its gradient's size, so a rounding in a near-zero
+    # gradient (cuDNN may pick another algorithm under capture) shows at the scale of lr, not of the gradient:
+    # 1e-5 is a thirtieth of the 3e-4 these four warm-up steps can move a weight (seen on an H200: 1.2e-6)
     for a, b in zip(runs[1].model.parameters(), runs[0].model.parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_precision_and_layout_are_chosen_per_device(monkeypatch):
