@@ -2,8 +2,10 @@
 
 A run folder models/<run>/ holds ckpt.pt, ema_ckpt.pt and optim.pt (plain state_dicts of CPU tensors, as the
 original wrote them), state.pt (the rest that resuming needs: epoch, step, EMA counter, scaler, RNG states)
-and config.json (the run's settings, config.RunConfig). The original's bare checkpoints, with no config
-beside them, are read by their tensor shapes. --overwrite replaces a run's files only once the new run saves.
+and config.json (the run's settings, config.RunConfig). A --clusters run of ddpm.py keeps ckpt.pt and
+ema_ckpt.pt in UNet's layout, as every ddpm.py run, and its clusters' label embedding in clusters.pt beside them.
+The original's bare checkpoints, with no config beside them, are read by their tensor shapes. --overwrite
+replaces a run's files only once the new run saves.
 """
 import dataclasses
 import json
@@ -18,7 +20,10 @@ from modules import unwrap
 from utils import UserError
 
 GUIDE_FILE = "guide_ckpt.pt"  # the run's autoguidance guide (config.guide_at), a plain state_dict
-RUN_FILES = ("ckpt.pt", "ema_ckpt.pt", "optim.pt", "state.pt", "config.json", GUIDE_FILE)
+# a --clusters run's label embedding, left out of ckpt.pt and ema_ckpt.pt so that UNet() loads them:
+# {"ckpt.pt": {"label_emb.weight": ...}, "ema_ckpt.pt": {...}}
+CLUSTER_FILE = "clusters.pt"
+RUN_FILES = ("ckpt.pt", "ema_ckpt.pt", "optim.pt", "state.pt", "config.json", GUIDE_FILE, CLUSTER_FILE)
 
 
 def atomic_save(obj, path):
@@ -149,18 +154,29 @@ def save_run(run_dir, model, ema_model, optimizer, state, config):
     files = [("ckpt.pt", cpu_state_dict(model))]
     if ema_model is not None:
         files.append(("ema_ckpt.pt", cpu_state_dict(ema_model)))
+    if config.clusters:  # a ddpm.py run: its checkpoints stay UNet's, loadable by UNet().load_state_dict
+        files.append((CLUSTER_FILE, {name: {"label_emb.weight": sd.pop("label_emb.weight")} for name, sd in files}))
     files += [("optim.pt", optimizer.state_dict()), ("config.json", config.to_json()), ("state.pt", state)]
     atomic_save_all([(obj, os.path.join(run_dir, name)) for name, obj in files])
 
 
 def load_run(run_dir, model, ema_model, optimizer):
     """Load what save_run wrote into the given objects; returns state.pt's dict."""
-    load_weights(model, load_checkpoint(os.path.join(run_dir, "ckpt.pt")), os.path.join(run_dir, "ckpt.pt"))
-    if ema_model is not None:
-        path = os.path.join(run_dir, "ema_ckpt.pt")
-        load_weights(ema_model, load_checkpoint(path), path)
+    for name, m in (("ckpt.pt", model), ("ema_ckpt.pt", ema_model)):
+        if m is not None:
+            path = os.path.join(run_dir, name)
+            load_weights(m, with_clusters(load_checkpoint(path), path), path)
     optimizer.load_state_dict(load_checkpoint(os.path.join(run_dir, "optim.pt")))
     return load_checkpoint(os.path.join(run_dir, "state.pt"))
+
+
+def with_clusters(sd, path):
+    """A checkpoint's state_dict with the label embedding that clusters.pt beside it keeps for it, if any (runs
+    saved before clusters.pt existed hold it in the checkpoint itself)."""
+    extra = os.path.join(os.path.dirname(os.path.abspath(path)), CLUSTER_FILE)
+    if "label_emb.weight" in sd or not os.path.isfile(extra):
+        return sd
+    return {**sd, **load_checkpoint(extra).get(os.path.basename(path), {})}
 
 
 # ---- resuming exactly
@@ -228,8 +244,11 @@ def load_model(ckpt, device="cpu"):
         sd = sd["state_dict"]
     if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
         raise UserError(f"--ckpt {ckpt}: not a state_dict of a UNet (use ckpt.pt or ema_ckpt.pt of a run)")
-    sd = strip_prefixes(sd)
+    sd = with_clusters(strip_prefixes(sd), ckpt)
     config = load_config(os.path.dirname(os.path.abspath(ckpt))) or config_from_weights(sd, ckpt)
+    if config.clusters and "label_emb.weight" not in sd:
+        raise UserError(f"--ckpt {ckpt}: a --clusters run's network, but {CLUSTER_FILE}, its clusters' embedding, "
+                        "is not beside it: copy it from the run's folder")
     model = load_weights(config.make_model(), sd, ckpt)
     return model.to(device).eval(), config
 

@@ -94,7 +94,7 @@ def parse_args(conditional, argv=None):
     else:
         opt("--clusters", type=int, help="find this many clusters of the images by k-means (no labels), train "
                                          "on them as classes and guide the samples with them (CFG); 0: off. "
-                                         "The checkpoints are then UNet_conditional's (docs/quality.md)")
+                                         "Its label embedding is saved in clusters.pt (docs/quality.md)")
         opt("--ema", action=argparse.BooleanOptionalAction, help="also keep an EMA model (ema_ckpt.pt); "
                                                                  "on in the default preset")
     args = p.parse_args(argv)

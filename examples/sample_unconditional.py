@@ -5,9 +5,10 @@
 The defaults fit the default `python ddpm.py` run (16x16 grayscale, width 16). Where the run saved its
 autoguidance guide (guide_ckpt.pt beside the checkpoint), the samples are guided by it, and each sampling step
 is followed by a Langevin corrector step, with DDIM's x0 predictions left unclipped, as the run's own grids
-are. A `python ddpm.py --clusters K` run is a UNet_conditional trained on clusters of its images: each sample
-draws its cluster as the images fall into them and is guided by it (CFG), as sample.py does. Without a display
-the row is saved under results/plots/ and its path printed.
+are. A `python ddpm.py --clusters K` run is trained on clusters of its images as classes: its ckpt.pt is a
+UNet's, and clusters.pt beside it holds each cluster's label embedding; with both, each sample draws its
+cluster as the images fall into them and is guided by it (CFG), as sample.py does. Without a display the row
+is saved under results/plots/ and its path printed.
 """
 import argparse
 import json
@@ -67,7 +68,12 @@ def main():
         guidance = dict(labels=labels, cfg_scale=grids["cfg_scale"], cfg_min_sigma=grids["cfg_min_sigma"])
     else:
         model = UNet(c_in=args.channels, c_out=args.channels, base_width=args.base_width)
-    model.load_state_dict(torch.load(args.ckpt, map_location="cpu", weights_only=True))
+    weights = torch.load(args.ckpt, map_location="cpu", weights_only=True)
+    if clusters:  # the label embedding this checkpoint leaves out, by its file name
+        extra = torch.load(os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "clusters.pt"),
+                           map_location="cpu", weights_only=True)
+        weights.update(extra.get(os.path.basename(args.ckpt), {}))
+    model.load_state_dict(weights)
     guide_path = os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "guide_ckpt.pt")
     if os.path.isfile(guide_path) and args.guide_scale != 1:  # the run's early EMA: steer away from its errors
         guide = UNet(c_in=args.channels, c_out=args.channels, base_width=args.base_width)

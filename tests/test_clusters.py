@@ -14,6 +14,7 @@ from conftest import ROOT
 import sample
 from checkpoints import load_checkpoint
 from ddpm import Diffusion
+from modules import UNet
 from sampling import generate
 from utils import UserError, cluster_images
 
@@ -70,7 +71,9 @@ def test_a_clusters_run_trains_on_its_clusters_and_resumes_only_on_the_same(tmp_
     assert config["network"]["clusters"] == 2 and config["network"]["num_classes"] == 2
     assert config["data"]["cluster_sizes"] == [6, 6]
     assert config["sample_grids"]["cfg_scale"] == 2.5 and config["training"]["guide_at"] == 0.0  # CFG guides it
-    assert load_checkpoint("models/k/ckpt.pt")["label_emb.weight"].shape == (2, 256)
+    for name in ("ckpt.pt", "ema_ckpt.pt"):  # UNet's layout, as every ddpm.py run; the clusters beside it
+        UNet(c_in=3, c_out=3, base_width=8).load_state_dict(load_checkpoint(f"models/k/{name}"))
+        assert load_checkpoint("models/k/clusters.pt")[name]["label_emb.weight"].shape == (2, 256)
     assert not os.path.exists("models/k/guide_ckpt.pt")
     sample.main(["--ckpt", "models/k", "--n", "4", "--steps", "3", "--out", "grid.png", "--no-progress"])
     assert "CFG 2.5 where sigma > 1" in capsys.readouterr().out and os.path.isfile("grid.png")  # guided by them
@@ -83,6 +86,24 @@ def test_a_clusters_run_trains_on_its_clusters_and_resumes_only_on_the_same(tmp_
     code, err = run_main([*args, "--epochs", "2", "--resume"], capsys)
     assert code == 2 and "no longer fall into the clusters this run started with" in err
     assert all(torch.equal(before[k], v) for k, v in load_checkpoint("models/k/ckpt.pt").items())
+
+
+def test_clusters_checkpoints_are_unets_and_load_back_whole(tmp_path):
+    from checkpoints import load_model, load_run, save_run
+    from config import RunConfig
+
+    c = RunConfig(clusters=2, num_classes=2, channels=1, base_width=8, cluster_sizes=[1, 1])
+    model, ema = c.make_model(), c.make_model()  # two random inits: two different embeddings
+    save_run(str(tmp_path), model, ema, torch.optim.AdamW(model.parameters()), {"epoch": 0}, c)
+    UNet(c_in=1, c_out=1, base_width=8).load_state_dict(load_checkpoint(str(tmp_path / "ckpt.pt")))
+    again, again_ema = c.make_model(), c.make_model()
+    load_run(str(tmp_path), again, again_ema, torch.optim.AdamW(again.parameters()))
+    assert torch.equal(again.label_emb.weight, model.label_emb.weight)
+    assert torch.equal(again_ema.label_emb.weight, ema.label_emb.weight)
+    assert torch.equal(load_model(str(tmp_path / "ema_ckpt.pt"))[0].label_emb.weight, ema.label_emb.weight)
+    os.remove(tmp_path / "clusters.pt")
+    with pytest.raises(UserError, match="clusters.pt, its clusters' embedding, is not beside it"):
+        load_model(str(tmp_path / "ema_ckpt.pt"))
 
 
 def test_samples_draw_clusters_as_the_images_fall_into_them():

@@ -120,8 +120,13 @@ def test_sample_unconditional_is_guided_by_the_runs_guide(tmp_path):
 def test_sample_unconditional_samples_a_clusters_run_by_its_clusters(tmp_path):
     import json
 
-    ckpt = tiny_ckpt(tmp_path, UNet_conditional(c_in=1, c_out=1, num_classes=2, base_width=8))
-    with open(tmp_path / "config.json", "w") as f:  # as `python ddpm.py --clusters 2` leaves it
+    # as `python ddpm.py --clusters 2` leaves it: a UNet's ckpt, the clusters' embedding in clusters.pt
+    weights = UNet_conditional(c_in=1, c_out=1, num_classes=2, base_width=8).state_dict()
+    torch.save({"ema_ckpt.pt": {"label_emb.weight": weights.pop("label_emb.weight")}}, tmp_path / "clusters.pt")
+    ckpt = str(tmp_path / "ema_ckpt.pt")
+    torch.save(weights, ckpt)
+    UNet(c_in=1, c_out=1, base_width=8).load_state_dict(torch.load(ckpt))  # strict
+    with open(tmp_path / "config.json", "w") as f:
         json.dump({"diffusion": {"prediction": "v"}, "data": {"cluster_sizes": [0, 3]},
                    "sample_grids": {"cfg_scale": 2.5, "cfg_min_sigma": 1.0, "sample_steps": 50,
                                     "corrector_snr": 0.0}}, f)
