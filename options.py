@@ -3,11 +3,12 @@ preset for a new run or over the saved config.json when resuming."""
 import argparse
 import dataclasses
 import os
+import sys
 
 from checkpoints import load_config
 from config import CLUSTERED_DEFAULTS, PRESETS, RUN_DEFINING, own_clip, preset_config, validate
 from diffusion import PREDICTIONS, SAMPLERS
-from utils import UserError, option_adder
+from utils import UserError, looks_grayscale, option_adder
 
 
 def add_grid_options(opt, conditional):
@@ -142,4 +143,7 @@ def resolve_args(args):
     config.ema = config.ema or args.conditional  # the conditional script always keeps one
     if config.channels is None:  # the bundled digits are grayscale; a user's images are taken as RGB
         config.channels = 1 if config.dataset_path is None else 3
+        if config.dataset_path and os.environ.get("RANK", "0") == "0" and looks_grayscale(config.dataset_path):
+            print(f"note: the images in {config.dataset_path} are grayscale and train as RGB (3 channels); "
+                  "pass --channels 1 for a grayscale model", file=sys.stderr)
     return validate(config), args.resume

@@ -96,6 +96,25 @@ def load_image(path):
         raise UserError(f"cannot read image {path} ({type(e).__name__}: {e}): remove or replace the file") from None
 
 
+def looks_grayscale(root, limit=64):
+    """Whether the first `limit` images under `root` (sorted, subfolders too) are all single-channel: only
+    their headers are read. False where there are none or one cannot be read (the loader says why later)."""
+    files = []
+    for folder, dirs, names in os.walk(root):
+        dirs.sort()
+        files += [os.path.join(folder, f) for f in sorted(names) if f.lower().endswith(IMAGE_EXTENSIONS)]
+        if len(files) >= limit:
+            break
+    try:
+        modes = []
+        for f in files[:limit]:
+            with Image.open(f) as img:
+                modes.append(img.mode)
+    except Exception:
+        return False
+    return bool(modes) and all(m in ("1", "L", "LA", "I", "I;16", "F") for m in modes)
+
+
 class FlatImageFolder(Dataset):
     """Every image directly in one folder, all labelled 0: unconditional data with no class subfolders."""
 

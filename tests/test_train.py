@@ -286,3 +286,20 @@ def test_a_short_noise_schedule_shortens_the_default_grid_sampling():
     assert config.sample_steps == 99
     with pytest.raises(UserError, match="--sample-steps must be at most 99, got 200"):
         resolve_args(parse_args(False, ["--noise-steps", "100", "--sample-steps", "200"]))
+
+
+def test_a_grayscale_folder_gets_a_note_that_it_trains_as_rgb(tmp_path, capsys):
+    from PIL import Image
+
+    from options import parse_args, resolve_args
+
+    for mode, folder in (("L", "gray"), ("RGB", "colour")):
+        os.makedirs(tmp_path / folder / "a")
+        for i in range(3):
+            Image.new(mode, (8, 8)).save(tmp_path / folder / "a" / f"{i}.png")
+    gray, colour = str(tmp_path / "gray"), str(tmp_path / "colour")
+    assert resolve_args(parse_args(False, ["--dataset-path", gray]))[0].channels == 3  # a note, not a change
+    assert f"the images in {gray} are grayscale" in capsys.readouterr().err
+    assert resolve_args(parse_args(False, ["--dataset-path", gray, "--channels", "1"]))[0].channels == 1
+    resolve_args(parse_args(False, ["--dataset-path", colour]))
+    assert "grayscale" not in capsys.readouterr().err
