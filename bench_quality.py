@@ -28,8 +28,8 @@ import torch
 
 import train
 from checkpoints import load_checkpoint, load_config
-from config import (CLUSTERED_DEFAULTS, SECTIONS, check_cfg_min_sigma, check_corrector_snr, own_clip, preset_config,
-                    validate)
+from config import (CLUSTERED_DEFAULTS, PLAIN_UNCONDITIONAL, SECTIONS, check_cfg_min_sigma, check_corrector_snr,
+                    own_clip, preset_config, validate)
 from hardware import autocast_dtype, pick_device
 from quality import Evaluator
 from sampling import generate, load_for_sampling, resolve_sampling, with_guide
@@ -41,6 +41,7 @@ from utils import UserError, get_data, option_adder, prepare_mnist
 BEFORE = {"batch_size": 64, "adam_beta2": 0.999, "guide_at": 0.0}
 RECIPES = {
     "default": ("default", {}),
+    "plain": ("default", {}),  # unconditional: ddpm.py --clusters 0 (recipe_base); conditional: the default
     "uniform-t": ("default", dict(timesteps="uniform")),
     "eps": ("default", dict(prediction="eps")),
     "random-crop": ("default", dict(crop="random")),
@@ -123,12 +124,20 @@ def run_folder(dataset_path):
     return os.path.join(FOLDER, f"{os.path.basename(path)}_{hashlib.sha1(path.encode()).hexdigest()[:6]}")
 
 
-def recipe_config(name, seed, conditional, dataset_path, folder=FOLDER):
+def recipe_base(name, conditional):
+    """The preset a recipe changes: unconditional recipes other than the default and clusters-K change the
+    plain unconditional model (ddpm.py --clusters 0), on which they were measured."""
     preset, changes = RECIPES[name]
-    config = preset_config(preset, conditional)
-    for key, value in changes.items():
-        setattr(config, key, value)
-    config.clip = own_clip(preset_config(preset, conditional), config.sampler, config.eta)
+    base = preset_config(preset, conditional)
+    if base.clusters and name != "default" and not changes.get("clusters"):
+        base = dataclasses.replace(base, **PLAIN_UNCONDITIONAL)
+    return base
+
+
+def recipe_config(name, seed, conditional, dataset_path, folder=FOLDER):
+    base = recipe_base(name, conditional)
+    config = dataclasses.replace(base, **RECIPES[name][1])
+    config.clip = own_clip(base, config.sampler, config.eta)
     config.seed, config.dataset_path = seed, dataset_path
     config.channels = config.channels or 1
     config.run_name = os.path.join(folder, f"{'c' if conditional else 'u'}_{name}_s{seed}")
@@ -242,8 +251,8 @@ def bench(a, argv):
     if unknown or min(points) <= 0 or a.n <= 0 or a.draws <= 0:
         raise UserError(f"--recipes {a.recipes} / --steps {a.steps} / --n {a.n} / --draws {a.draws}: recipes from "
                         f"{', '.join(RECIPES)}, positive steps, --n and --draws")
-    if scales and a.unconditional and not all(RECIPES[r][1].get("clusters") for r in recipes):
-        raise UserError("--cfg-scales guides by labels: of the unconditional recipes only clusters-K have them")
+    if scales and a.unconditional and not all(recipe_base(r, False).clusters for r in recipes):
+        raise UserError("--cfg-scales guides by labels: of the unconditional recipes only the default and clusters-K have them")
     device = pick_device(a.device)
     dataset_path, folder = a.dataset_path or prepare_mnist(), run_folder(a.dataset_path)
     probe = recipe_config(recipes[0], seeds[0], not a.unconditional, dataset_path, folder)

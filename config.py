@@ -15,7 +15,7 @@ from utils import UserError
 class RunConfig:
     # the network (modules.UNet / UNet_conditional)
     conditional: bool = False
-    clusters: int = 0  # ddpm.py: condition on this many k-means clusters of the images and guide with them (0: not)
+    clusters: int = 0  # condition on up to this many k-means clusters of the images, guide by them (0: not)
     channels: int = None  # c_in = c_out; None: 1 for the bundled digits, else 3
     base_width: int = 16
     num_classes: int = None  # None: the dataset's class count, set when the data is read (the digits: 10)
@@ -128,8 +128,12 @@ CONDITIONAL_PRESETS = {  # ddpm_conditional.py's own differences; CFG guides the
     "default": dict(n_samples=80, guide_at=0.0, sample_steps=50, corrector_snr=0.0),
     "original": dict(batch_size=14, epochs=300, sample_interval=10, n_samples=10, ema=True),
 }
-# a --clusters run of the default preset: CFG by its clusters guides it, at 50 steps (docs/quality.md)
+# ddpm.py's default: it finds 100 clusters of its images and guides by them, CFG at 50 steps (docs/quality.md)
 CLUSTERED_DEFAULTS = dict(guide_at=0.0, sample_steps=50, corrector_snr=0.0, cfg_scale=2.5)
+UNCONDITIONAL_PRESETS = {"default": dict(clusters=100, **CLUSTERED_DEFAULTS), "original": {}}
+# `ddpm.py --clusters 0`: the unconditional network alone, autoguided by its early EMA, DDIM-100 and a corrector
+PLAIN_UNCONDITIONAL = dict(clusters=0, **{k: getattr(RunConfig, k) for k in CLUSTERED_DEFAULTS})
+IMAGES_PER_CLUSTER = 10  # --clusters K finds at most one cluster per this many images
 # settings added to config.json later, and what a run saved without them trained with
 ADDED_LATER = dict(timesteps="uniform", cfg_min_sigma=0.0, adam_beta2=0.999, guide_at=0.0, guide_scale=1.0,
                    corrector_snr=0.0, clip=None, clusters=0, cluster_sizes=None)
@@ -145,8 +149,13 @@ def guide_epoch(c):
 
 
 def preset_config(preset, conditional):
-    return RunConfig(conditional=conditional, preset=preset,
-                     **{**PRESETS[preset], **CONDITIONAL_PRESETS[preset]} if conditional else PRESETS[preset])
+    own = (CONDITIONAL_PRESETS if conditional else UNCONDITIONAL_PRESETS)[preset]
+    return RunConfig(conditional=conditional, preset=preset, **{**PRESETS[preset], **own})
+
+
+def cluster_count(requested, n_images):
+    """How many clusters --clusters K finds in n images: K, but at most one per IMAGES_PER_CLUSTER, at least 2."""
+    return min(requested, max(2, n_images // IMAGES_PER_CLUSTER))
 
 
 def own_clip(base, sampler, eta):

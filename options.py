@@ -6,7 +6,7 @@ import os
 import sys
 
 from checkpoints import load_config
-from config import CLUSTERED_DEFAULTS, PRESETS, RUN_DEFINING, own_clip, preset_config, validate
+from config import PLAIN_UNCONDITIONAL, PRESETS, RUN_DEFINING, own_clip, preset_config, validate
 from diffusion import PREDICTIONS, SAMPLERS
 from utils import UserError, looks_grayscale, option_adder
 
@@ -93,9 +93,11 @@ def parse_args(conditional, argv=None):
         opt("--label-dropout-mode", choices=("sample", "batch"),
             help="drop labels per sample, or whole batches as the original")
     else:
-        opt("--clusters", type=int, help="find this many clusters of the images by k-means (no labels), train "
-                                         "on them as classes and guide the samples with them (CFG); 0: off. "
-                                         "Its label embedding is saved in clusters.pt (docs/quality.md)")
+        opt("--clusters", type=int, help="find up to this many clusters of the images by k-means (no labels; "
+                                         "at most one per 10 images), train on them as classes and guide the "
+                                         "samples with them (CFG); their label embedding is saved in clusters.pt. "
+                                         "0: the plain unconditional model, autoguided (default: 100; "
+                                         "docs/quality.md)")
         opt("--ema", action=argparse.BooleanOptionalAction, help="also keep an EMA model (ema_ckpt.pt); "
                                                                  "on in the default preset")
     args = p.parse_args(argv)
@@ -129,8 +131,8 @@ def resolve_args(args):
         base = saved
     else:
         base = preset_config(preset, args.conditional)
-        if explicit.get("clusters") and preset == "default":
-            base = dataclasses.replace(base, **CLUSTERED_DEFAULTS)
+        if explicit.get("clusters") == 0 and base.clusters:  # ddpm.py's default without its clusters
+            base = dataclasses.replace(base, **PLAIN_UNCONDITIONAL)
     config = dataclasses.replace(base, **explicit)
     if not config.takes_labels and {"cfg_scale", "cfg_min_sigma"} & set(explicit):
         raise UserError("--cfg-scale / --cfg-min-sigma guide by labels: this run has none (pass --clusters K, "

@@ -22,13 +22,13 @@ from tqdm import tqdm
 
 from checkpoints import (GUIDE_FILE, atomic_save, cpu_state_dict, file_version, load_checkpoint, load_run,
                          load_weights, match_state_layout, old_run_outputs, rng_state, save_run, set_rng_state)
-from config import guide_epoch
+from config import cluster_count, guide_epoch
 from options import parse_args, resolve_args
 from hardware import (autocast, autocast_dtype, cuda_graphed, fast_memory_format, precision_name,
                       setup_distributed)
 from modules import EMA, Autoguided
 from sampling import cluster_draws
-from utils import UserError, cluster_images, get_data, prepare_mnist, save_images, setup_logging
+from utils import UserError, cluster_images, get_data, make_dataset, prepare_mnist, save_images, setup_logging
 
 
 # ---- one run's pieces --------------------------------------------------------------------------------
@@ -277,6 +277,9 @@ def prepare_data(c, rank, world, device):
         c.num_workers = 4 if device.type == "cuda" else 0
     labels = None
     if c.clusters:  # classes found without labels, the same on every rank; a resumed run must find its own
+        if c.cluster_sizes is None:  # a new run: a small folder gets fewer clusters
+            c.clusters = cluster_count(c.clusters, len(make_dataset(c.dataset_path, c.image_size, c.channels,
+                                                                    "center")))
         labels = cluster_images(c.dataset_path, c.image_size, c.channels, c.clusters, c.data_seed)
         sizes = torch.bincount(labels, minlength=c.clusters).tolist()
         if c.cluster_sizes not in (None, sizes):

@@ -172,8 +172,8 @@ def cluster_images(root, image_size, channels, k, seed=0, restarts=3, iterations
     torch.distributed every rank gets rank 0's, so that no rank differs by a rounding."""
     dataset = make_dataset(root, image_size, channels, "center")
     if k > len(dataset):
-        raise UserError(f"--clusters {k}: more clusters than the {len(dataset)} images of {root}; "
-                        f"try about {max(2, len(dataset) // 125)}")
+        raise UserError(f"--clusters {k}: more clusters than the {len(dataset)} images of {root}; pass fewer, "
+                        "or --clusters 0 to train without clusters")
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     if distributed and torch.distributed.get_rank() > 0:
         box = [None]

@@ -2,13 +2,13 @@
 
     python examples/sample_unconditional.py --ckpt models/DDPM_Unconditional_mnist/ema_ckpt.pt
 
-The defaults fit the default `python ddpm.py` run (16x16 grayscale, width 16). Where the run saved its
-autoguidance guide (guide_ckpt.pt beside the checkpoint), the samples are guided by it, and each sampling step
-is followed by a Langevin corrector step, with DDIM's x0 predictions left unclipped, as the run's own grids
-are. A `python ddpm.py --clusters K` run is trained on clusters of its images as classes: its ckpt.pt is a
-UNet's, and clusters.pt beside it holds each cluster's label embedding; with both, each sample draws its
-cluster as the images fall into them and is guided by it (CFG), as sample.py does. Without a display the row
-is saved under results/plots/ and its path printed.
+The defaults fit the default `python ddpm.py` run (16x16 grayscale, width 16). That run is trained on clusters
+of its images as classes: its ckpt.pt is a UNet's, and clusters.pt beside it holds each cluster's label
+embedding; with both, each sample draws its cluster as the images fall into them and is guided by it (CFG), as
+sample.py does. A `--clusters 0` run saved its autoguidance guide instead (guide_ckpt.pt beside the
+checkpoint): its samples are guided by that, and each sampling step is followed by a Langevin corrector step,
+with DDIM's x0 predictions left unclipped, as the run's own grids are. Without a display the row is saved
+under results/plots/ and its path printed.
 """
 import argparse
 import json

@@ -13,6 +13,7 @@ from PIL import Image
 from conftest import ROOT
 import sample
 from checkpoints import load_checkpoint
+from config import cluster_count
 from ddpm import Diffusion
 from modules import UNet
 from sampling import generate
@@ -48,9 +49,11 @@ def test_clusters_are_found_without_labels_and_repeat(tmp_path):
     assert torch.equal(labels, cluster_images(folder, 8, 3, 2, seed=0))
     with pytest.raises(UserError, match="--clusters 13: more clusters than the 12 images"):
         cluster_images(folder, 8, 3, 13)
+    assert [cluster_count(100, n) for n in (12, 500, 1797, 5000)] == [2, 50, 100, 100]  # one per 10 images at most
+    assert cluster_count(40, 5000) == 40
 
 
-def test_a_clusters_run_trains_on_its_clusters_and_resumes_only_on_the_same(tmp_path, in_tmp, monkeypatch, capsys):
+def test_the_default_run_trains_on_clusters_of_its_images_and_resumes_only_on_the_same(tmp_path, in_tmp, monkeypatch, capsys):
     import train
 
     folder = dark_and_bright(str(tmp_path / "flat"))
@@ -62,7 +65,7 @@ def test_a_clusters_run_trains_on_its_clusters_and_resumes_only_on_the_same(tmp_
         return drop_labels(labels, u, c)
 
     monkeypatch.setattr(train, "drop_labels", spy)
-    args = ["--dataset-path", folder, "--clusters", "2", "--run-name", "k", *TINY]
+    args = ["--dataset-path", folder, "--run-name", "k", *TINY]  # the default: up to 100, one per 10 images
     train.main(False, [*args, "--epochs", "1"])
     assert "12 images from " + folder + " in 2 k-means clusters" in capsys.readouterr().out
     # a flat folder labels every image 0: the network saw the two clusters instead
@@ -128,7 +131,7 @@ def test_samples_draw_clusters_as_the_images_fall_into_them():
 
 def test_clusters_and_cfg_options_fail_clearly(image_folder, in_tmp, capsys):
     base = ["--dataset-path", image_folder, "--epochs", "1", *TINY]
-    code, err = run_main([*base, "--cfg-scale", "3"], capsys)
+    code, err = run_main([*base, "--clusters", "0", "--cfg-scale", "3"], capsys)
     assert code == 2 and "--cfg-scale / --cfg-min-sigma guide by labels" in err and "--clusters" in err
     code, err = run_main([*base, "--clusters", "1"], capsys)
     assert code == 2 and "--clusters must be 0 (off) or at least 2, got 1" in err
@@ -149,8 +152,16 @@ def test_bench_quality_scores_guidance_scales_only_where_there_are_labels(capsys
     import bench_quality
 
     with pytest.raises(SystemExit) as e:
-        bench_quality.main(["--unconditional", "--recipes", "clusters-40,default", "--cfg-scales", "2,3"])
-    assert e.value.code == 2 and "only clusters-K have them" in capsys.readouterr().err
+        bench_quality.main(["--unconditional", "--recipes", "clusters-40,default,plain", "--cfg-scales", "2,3"])
+    assert e.value.code == 2 and "only the default and clusters-K have them" in capsys.readouterr().err
+    # the unconditional default is clustered; the other recipes change the plain model they were measured on
+    assert bench_quality.recipe_config("default", 0, False, None).clusters == 100
+    plain, no_guide = (bench_quality.recipe_config(r, 0, False, None) for r in ("plain", "no-guide"))
+    assert (plain.clusters, plain.guide_at, plain.sample_steps, plain.corrector_snr) == (0, 0.25, 100, 0.3)
+    assert (no_guide.clusters, no_guide.guide_at) == (0, 0.0)
+    conditional = [dataclasses.replace(bench_quality.recipe_config(r, 0, True, None), run_name=None)
+                   for r in ("plain", "default")]
+    assert conditional[0] == conditional[1]
 
 
 def test_bench_quality_reuses_a_clusters_run_whatever_its_cluster_sizes():

@@ -64,7 +64,10 @@ def test_original_preset_is_the_originals():
                                                                            "batch", True, 10)
     assert resolve_args(parse_args(True, []))[0].num_classes is None  # the dataset's count, once it is read
     assert (a.corrector_snr, c.corrector_snr) == (0, 0)
-    assert resolve_args(parse_args(False, []))[0].corrector_snr == 0.3  # only the unconditional default corrects
+    d, plain = (resolve_args(parse_args(False, k))[0] for k in ([], ["--clusters", "0"]))
+    # ddpm.py's default is guided by 100 clusters of its images; without them it is autoguided and corrected
+    assert (d.clusters, d.cfg_scale, d.guide_at, d.sample_steps, d.corrector_snr) == (100, 2.5, 0.0, 50, 0.0)
+    assert (plain.clusters, plain.guide_at, plain.sample_steps, plain.corrector_snr) == (0, 0.25, 100, 0.3)
     assert resolve_args(parse_args(True, []))[0].corrector_snr == 0
     # the default's stochastic DDIM samples unclipped; another grid sampler gets its own choice
     assert (a.clip, c.clip) == (None, None) and not any(resolve_args(parse_args(k, []))[0].clip is not False
@@ -214,7 +217,7 @@ def test_a_run_saves_its_guide_and_later_grids_use_it(image_folder, in_tmp, monk
             guided.append(scale)
 
     monkeypatch.setattr(train, "Autoguided", Spy)
-    args = ["--dataset-path", image_folder, "--run-name", "g", "--sample-interval", "1", *TINY]
+    args = ["--dataset-path", image_folder, "--run-name", "g", "--sample-interval", "1", "--clusters", "0", *TINY]
     train.main(False, [*args, "--epochs", "4"])  # guide_at 0.25: the EMA after the first of 4 epochs
     guide, final = load_checkpoint("models/g/guide_ckpt.pt"), load_checkpoint("models/g/ema_ckpt.pt")
     assert guide.keys() == final.keys() and not all(torch.equal(guide[k], final[k]) for k in guide)
@@ -222,7 +225,7 @@ def test_a_run_saves_its_guide_and_later_grids_use_it(image_folder, in_tmp, monk
     train.main(False, [*args, "--epochs", "5", "--resume"])  # a resumed run guides with the saved guide
     assert guided == [2.0] * 8
     assert all(torch.equal(guide[k], v) for k, v in load_checkpoint("models/g/guide_ckpt.pt").items())
-    for conditional, name, extra in ((True, "c", []), (False, "none", ["--guide-at", "0"])):
+    for conditional, name, extra in ((True, "c", []), (False, "none", ["--clusters", "0", "--guide-at", "0"])):
         train.main(conditional, ["--dataset-path", image_folder, "--run-name", name, "--epochs", "4", *TINY, *extra])
         assert not os.path.exists(f"models/{name}/guide_ckpt.pt")  # CFG guides conditional runs
 
@@ -282,7 +285,7 @@ def test_amp_follows_the_device_choice(image_folder, in_tmp, monkeypatch, capsys
 def test_a_short_noise_schedule_shortens_the_default_grid_sampling():
     from options import parse_args, resolve_args
 
-    config, _ = resolve_args(parse_args(False, ["--noise-steps", "100"]))
+    config, _ = resolve_args(parse_args(False, ["--noise-steps", "100", "--clusters", "0"]))
     assert config.sample_steps == 99
     with pytest.raises(UserError, match="--sample-steps must be at most 99, got 200"):
         resolve_args(parse_args(False, ["--noise-steps", "100", "--sample-steps", "200"]))
