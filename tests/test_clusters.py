@@ -47,6 +47,9 @@ def test_clusters_are_found_without_labels_and_repeat(tmp_path):
     labels = cluster_images(folder, 8, 3, 2, seed=0)
     assert labels[:6].unique().numel() == 1 and labels[6:].unique().numel() == 1 and labels[0] != labels[6]
     assert torch.equal(labels, cluster_images(folder, 8, 3, 2, seed=0))
+    # centres fitted on 8 of the 12 images (both groups among them): every image still goes to its own group
+    subset = cluster_images(folder, 8, 3, 2, seed=0, fit_images=8)
+    assert torch.equal(subset == subset[0], labels == labels[0])
     with pytest.raises(UserError, match="--clusters 13: more clusters than the 12 images"):
         cluster_images(folder, 8, 3, 13)
     assert [cluster_count(100, n) for n in (12, 500, 1797, 5000)] == [2, 50, 100, 100]  # one per 10 images at most
