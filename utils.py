@@ -168,8 +168,8 @@ class Relabeled(Dataset):
 def cluster_images(root, image_size, channels, k, seed=0, restarts=3, iterations=100, fit_images=10_000):
     """Each image's cluster, a LongTensor: k-means (k-means++ starts, the lowest cost of `restarts`) of the
     images as the model sees them, centre cropped and averaged down to at most 16x16 pixels, its centres fitted
-    on at most `fit_images` of them (the cost grows with images x clusters x iterations: 100 s for 100
-    clusters of 50,000 at one thread), then each image given its nearest. Labels found without labels, to
+    on at most `fit_images` of them (the cost grows with images x clusters x iterations), then each image
+    given its nearest. Labels found without labels, to
     guide an unconditional model with (Bao et al. 2022, Hu et al. 2023). Under torch.distributed every rank
     gets rank 0's, so that no rank differs by a rounding."""
     dataset = make_dataset(root, image_size, channels, "center")
