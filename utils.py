@@ -169,9 +169,8 @@ def cluster_images(root, image_size, channels, k, seed=0, restarts=3, iterations
     """Each image's cluster, a LongTensor: k-means (k-means++ starts, the lowest cost of `restarts`) of the
     images as the model sees them, centre cropped and averaged down to at most 16x16 pixels, its centres fitted
     on at most `fit_images` of them (the cost grows with images x clusters x iterations), then each image
-    given its nearest. Labels found without labels, to
-    guide an unconditional model with (Bao et al. 2022, Hu et al. 2023). Under torch.distributed every rank
-    gets rank 0's, so that no rank differs by a rounding."""
+    given its nearest. Labels found without labels, to guide an unconditional model with (Bao et al. 2022, Hu
+    et al. 2023). Under torch.distributed every rank gets rank 0's, so that no rank differs by a rounding."""
     dataset = make_dataset(root, image_size, channels, "center")
     if k > len(dataset):
         raise UserError(f"--clusters {k}: more clusters than the {len(dataset)} images of {root}; pass fewer, "
