@@ -252,8 +252,7 @@ def bench(a, argv):
         raise UserError(f"--recipes {a.recipes} / --steps {a.steps} / --n {a.n} / --draws {a.draws}: recipes from "
                         f"{', '.join(RECIPES)}, positive steps, --n and --draws")
     if scales and a.unconditional and not all(recipe_base(r, False).clusters for r in recipes):
-        raise UserError("--cfg-scales guides by labels: of the unconditional recipes only the default and "
-                        "clusters-K have them")
+        raise UserError("--cfg-scales guides by labels: unconditional, only the default and clusters-K have them")
     device = pick_device(a.device)
     dataset_path, folder = a.dataset_path or prepare_mnist(), run_folder(a.dataset_path)
     probe = recipe_config(recipes[0], seeds[0], not a.unconditional, dataset_path, folder)
