@@ -278,8 +278,11 @@ def prepare_data(c, rank, world, device):
     labels = None
     if c.clusters:  # classes found without labels, the same on every rank; a resumed run must find its own
         if c.cluster_sizes is None:  # a new run: a small folder gets fewer clusters
-            c.clusters = cluster_count(c.clusters, len(make_dataset(c.dataset_path, c.image_size, c.channels,
-                                                                    "center")))
+            n_images = len(make_dataset(c.dataset_path, c.image_size, c.channels, "center"))
+            if n_images < 2:
+                raise UserError(f"--dataset-path {c.dataset_path}: one image cannot be sorted into clusters to "
+                                "guide by: add images, or pass --clusters 0")
+            c.clusters = cluster_count(c.clusters, n_images)
         labels = cluster_images(c.dataset_path, c.image_size, c.channels, c.clusters, c.data_seed)
         sizes = torch.bincount(labels, minlength=c.clusters).tolist()
         if c.cluster_sizes not in (None, sizes):

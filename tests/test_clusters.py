@@ -139,6 +139,11 @@ def test_clusters_and_cfg_options_fail_clearly(image_folder, in_tmp, capsys):
     code, err = run_main([*base, "--clusters", "1"], capsys)
     assert code == 2 and "--clusters must be 0 (off) or at least 2, got 1" in err
     assert not os.path.exists("models")
+    os.makedirs("one")
+    Image.new("RGB", (8, 8)).save("one/a.png")
+    code, err = run_main(["--dataset-path", "one", "--epochs", "1", *TINY], capsys)
+    assert code == 2 and "one image cannot be sorted into clusters" in err and "--clusters 0" in err
+    assert not os.path.exists("models")
 
 
 def test_two_processes_train_on_rank_0s_clusters(tmp_path):
