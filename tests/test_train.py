@@ -57,6 +57,7 @@ def test_original_preset_is_the_originals():
             a.lr_schedule) == (64, 64, 12, 3e-4, 500, "ddpm", 1, False, "constant")
     assert (a.prediction, a.crop, a.warmup_steps, a.grad_clip, a.min_snr_gamma, a.cfg_scale) == \
         ("eps", "random", 0, 0.0, 0.0, 3.0)
+    assert (a.clusters, a.guide_at) == (0, 0.0)  # the original's plain unconditional model, unguided
     assert resolve_args(parse_args(False, []))[0].ema and not resolve_args(parse_args(False, ["--no-ema"]))[0].ema
     c, _ = resolve_args(parse_args(True, ["--preset", "original"]))
     assert (c.batch_size, c.epochs, c.ema_beta, c.ema_start, c.cfg_scale, c.cfg_min_sigma, c.sample_interval,
