@@ -152,11 +152,10 @@ def make_dataset(root, image_size, channels, crop):
 
 
 class Relabeled(Dataset):
-    """A dataset with each image's label replaced (by its cluster: --clusters)."""
+    """A dataset with each image's label replaced (by its cluster: --clusters; the run knows their count)."""
 
     def __init__(self, dataset, labels):
         self.dataset, self.labels = dataset, labels.tolist()
-        self.classes = [str(k) for k in range(max(self.labels) + 1)]
 
     def __len__(self):
         return len(self.dataset)
