@@ -7,16 +7,18 @@ ema_ckpt.pt in UNet's layout, as every ddpm.py run, and its clusters' label embe
 The original's bare checkpoints, with no config beside them, are read by their tensor shapes. --overwrite
 replaces a run's files only once the new run saves.
 """
+import copy
 import dataclasses
 import json
 import os
 import random
+from collections import OrderedDict
 
 import numpy as np
 import torch
 
 from config import LEGACY, PRESETS, RunConfig
-from modules import unwrap
+from modules import CHECKPOINT_INFO, network_of, unwrap
 from utils import UserError
 
 GUIDE_FILE = "guide_ckpt.pt"  # the run's autoguidance guide (config.guide_at), a plain state_dict
@@ -73,20 +75,33 @@ def load_checkpoint(path):
         raise UserError(f"checkpoint {path} cannot be read ({type(e).__name__}): is it complete?") from None
 
 
+def with_metadata(tensors, like):
+    """`tensors` (a dict) as a state_dict with the metadata of the state_dict `like` (modules.CHECKPOINT_INFO:
+    what the weights are), which a plain dict would drop."""
+    out = OrderedDict(tensors)
+    out._metadata = copy.deepcopy(getattr(like, "_metadata", OrderedDict()))
+    return out
+
+
 def cpu_state_dict(module):
     """A state_dict of contiguous CPU tensors (also from a channels_last model) without wrapper prefixes,
-    loadable anywhere without map_location."""
-    return {k: v.detach().to("cpu", memory_format=torch.contiguous_format, copy=True)
-            for k, v in unwrap(module).state_dict().items()}
+    loadable anywhere without map_location, with its metadata."""
+    sd = unwrap(module).state_dict()
+    return with_metadata({k: v.detach().to("cpu", memory_format=torch.contiguous_format, copy=True)
+                          for k, v in sd.items()}, sd)
+
+
+def without_prefix(key):
+    while key.startswith(("module.", "_orig_mod.")) or key in ("module", "_orig_mod"):
+        key = key.partition(".")[2]
+    return key
 
 
 def strip_prefixes(state_dict):
-    """Drop the `module.` (DDP) and `_orig_mod.` (torch.compile) prefixes some checkpoints carry."""
-    out = {}
-    for k, v in state_dict.items():
-        while k.startswith(("module.", "_orig_mod.")):
-            k = k.split(".", 1)[1]
-        out[k] = v
+    """Drop the `module.` (DDP) and `_orig_mod.` (torch.compile) prefixes some checkpoints carry, from the
+    keys and their metadata's."""
+    out = with_metadata({without_prefix(k): v for k, v in state_dict.items()}, {})
+    out._metadata.update((without_prefix(k), v) for k, v in getattr(state_dict, "_metadata", {}).items())
     return out
 
 
@@ -156,6 +171,8 @@ def save_run(run_dir, model, ema_model, optimizer, state, config):
         files.append(("ema_ckpt.pt", cpu_state_dict(ema_model)))
     if config.clusters:  # a ddpm.py run: its checkpoints stay UNet's, loadable by UNet().load_state_dict
         files.append((CLUSTER_FILE, {name: {"label_emb.weight": sd.pop("label_emb.weight")} for name, sd in files}))
+        for _, sd in files[:-1]:  # and say so
+            sd._metadata[""][CHECKPOINT_INFO].update(zip(("network", "args"), network_of(sd)))
     files += [("optim.pt", optimizer.state_dict()), ("config.json", config.to_json()), ("state.pt", state)]
     atomic_save_all([(obj, os.path.join(run_dir, name)) for name, obj in files])
 
@@ -164,8 +181,9 @@ def load_run(run_dir, model, ema_model, optimizer):
     """Load what save_run wrote into the given objects; returns state.pt's dict."""
     for name, m in (("ckpt.pt", model), ("ema_ckpt.pt", ema_model)):
         if m is not None:
-            path = os.path.join(run_dir, name)
+            path, record = os.path.join(run_dir, name), m.trained_with
             load_weights(m, with_clusters(load_checkpoint(path), path), path)
+            m.trained_with = m.trained_with or record  # saved before checkpoints said it: the run's config does
     optimizer.load_state_dict(load_checkpoint(os.path.join(run_dir, "optim.pt")))
     return load_checkpoint(os.path.join(run_dir, "state.pt"))
 
@@ -176,7 +194,7 @@ def with_clusters(sd, path):
     extra = os.path.join(os.path.dirname(os.path.abspath(path)), CLUSTER_FILE)
     if "label_emb.weight" in sd or not os.path.isfile(extra):
         return sd
-    return {**sd, **load_checkpoint(extra).get(os.path.basename(path), {})}
+    return with_metadata({**sd, **load_checkpoint(extra).get(os.path.basename(path), {})}, sd)
 
 
 # ---- resuming exactly
@@ -225,14 +243,12 @@ def resolve_ckpt(path):
 def config_from_weights(sd, ckpt):
     """For a bare checkpoint (the original's): a RunConfig whose network fits the weights' shapes, with the
     original's prediction target (eps) and guidance scale; image size and sampler take the defaults."""
-    if "inc.double_conv.0.weight" not in sd or "down1.emb_layer.1.weight" not in sd:
-        raise UserError(f"--ckpt {ckpt}: not a UNet checkpoint of this project (no inc/down1 weights)")
-    width, channels = sd["inc.double_conv.0.weight"].shape[:2]
-    conditional = "label_emb.weight" in sd
-    shape = {"conditional": conditional, "channels": int(channels), "base_width": int(width),
-             "time_dim": int(sd["down1.emb_layer.1.weight"].shape[1])}
-    if conditional:
-        shape["num_classes"] = int(sd["label_emb.weight"].shape[0])
+    network = network_of(sd)
+    if network is None:
+        raise UserError(f"--ckpt {ckpt}: not a UNet checkpoint of this project (no inc/down1/outc weights)")
+    name, args = network
+    shape = {"conditional": name == "UNet_conditional", "channels": args["c_in"], "base_width": args["base_width"],
+             "time_dim": args["time_dim"], "num_classes": args.get("num_classes", LEGACY["num_classes"])}
     return RunConfig(**{**LEGACY, "cfg_scale": PRESETS["original"]["cfg_scale"], **shape})
 
 
@@ -245,11 +261,14 @@ def load_model(ckpt, device="cpu"):
     if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
         raise UserError(f"--ckpt {ckpt}: not a state_dict of a UNet (use ckpt.pt or ema_ckpt.pt of a run)")
     sd = with_clusters(strip_prefixes(sd), ckpt)
-    config = load_config(os.path.dirname(os.path.abspath(ckpt))) or config_from_weights(sd, ckpt)
+    saved = load_config(os.path.dirname(os.path.abspath(ckpt)))
+    config = saved or config_from_weights(sd, ckpt)
     if config.clusters and "label_emb.weight" not in sd:
         raise UserError(f"--ckpt {ckpt}: a --clusters run's network, but {CLUSTER_FILE}, its clusters' embedding, "
                         "is not beside it: copy it from the run's folder")
     model = load_weights(config.make_model(), sd, ckpt)
+    if saved is not None and not model.trained_with:  # saved before checkpoints said it: config.json does
+        model.trained_with = config.trained_with()
     return model.to(device).eval(), config
 
 

@@ -75,10 +75,18 @@ class RunConfig:
         return self.conditional or bool(self.clusters)
 
     def make_model(self):
+        """The network, marked with the diffusion it is trained with (saved in its checkpoints' metadata)."""
         if self.takes_labels:
-            return UNet_conditional(self.channels, self.channels, self.time_dim, self.num_classes,
-                                    base_width=self.base_width)
-        return UNet(self.channels, self.channels, self.time_dim, base_width=self.base_width)
+            model = UNet_conditional(self.channels, self.channels, self.time_dim, self.num_classes,
+                                     base_width=self.base_width)
+        else:
+            model = UNet(self.channels, self.channels, self.time_dim, base_width=self.base_width)
+        model.trained_with = self.trained_with()
+        return model
+
+    def trained_with(self):
+        """What sampling the network right needs beyond its shape: modules.UNet.trained_with."""
+        return {k: getattr(self, k) for k in ("prediction", "noise_steps", "beta_start", "beta_end", "image_size")}
 
     def make_diffusion(self, device=None):
         return Diffusion(self.noise_steps, self.beta_start, self.beta_end, self.image_size, device,

@@ -2,8 +2,9 @@
 noising in closed form, the training loss and its weighting, classifier-free guidance, and the samplers.
 
 Notation: index t in 0..noise_steps-1, beta[t] linear, alpha = 1 - beta, alpha_hat = cumprod(alpha),
-x_t = sqrt(alpha_hat[t]) x_0 + sqrt(1 - alpha_hat[t]) eps. The network predicts eps (the original), v or x0
-(`prediction`); every sampler works on the eps the prediction implies. All samplers walk from
+x_t = sqrt(alpha_hat[t]) x_0 + sqrt(1 - alpha_hat[t]) eps. The network predicts eps (the original), v or x0:
+a model whose weights say so (modules.UNet.trained_with) is sampled as they say, any other as `prediction`
+(default eps); every sampler works on the eps the prediction implies. All samplers walk from
 t = noise_steps-1 down and land on the alpha_hat[0] level, as the original's DDPM loop (999..1) does.
 """
 import logging
@@ -30,14 +31,15 @@ def to_uint8(x):
 
 class Diffusion:
     def __init__(self, noise_steps=1000, beta_start=1e-4, beta_end=0.02, img_size=256, device=None,
-                 prediction="eps"):
-        if prediction not in PREDICTIONS:
+                 prediction=None):
+        if prediction not in (None, *PREDICTIONS):
             raise ValueError(f"unknown prediction {prediction!r}: choose one of {', '.join(PREDICTIONS)}")
         self.noise_steps = noise_steps
         self.beta_start = beta_start
         self.beta_end = beta_end
         self.img_size = img_size
-        self.prediction = prediction
+        self.prediction = prediction or "eps"  # the training target, and how models that do not say are sampled
+        self.prediction_given = prediction is not None
         self.device = torch.device(device) if device is not None else default_device()
 
         self.beta = self.prepare_noise_schedule().to(self.device)
@@ -97,12 +99,14 @@ class Diffusion:
         a = _at(self.alpha_hat, t, x0)
         return a.sqrt() * noise - (1 - a).sqrt() * x0  # v (Salimans & Ho 2022)
 
-    def eps_from_output(self, x, t, out):
-        """The noise eps that the network's output `out` at x_t = x implies (the inverse of target())."""
-        if self.prediction == "eps":
+    def eps_from_output(self, x, t, out, prediction=None):
+        """The noise eps that the network's output `out` at x_t = x implies (the inverse of target()), for a
+        network that predicts `prediction` (default: this Diffusion's)."""
+        prediction = prediction or self.prediction
+        if prediction == "eps":
             return out
         a = _at(self.alpha_hat, t, x)
-        if self.prediction == "x0":
+        if prediction == "x0":
             return (x - a.sqrt() * out) / (1 - a).sqrt()
         return a.sqrt() * out + (1 - a).sqrt() * x
 
@@ -128,6 +132,23 @@ class Diffusion:
 
     # ---- the network's noise prediction, with classifier-free guidance ---------------------------------
 
+    def prediction_of(self, model):
+        """What `model` predicts: what its weights say (modules.UNet.trained_with), else this Diffusion's
+        prediction. A ValueError where the two disagree, or where the weights were trained on another noise
+        schedule: sampled so, they would give wrong images without a word."""
+        trained = getattr(unwrap(model), "trained_with", None) or {}
+        own = trained.get("prediction")
+        if own is not None and self.prediction_given and own != self.prediction:
+            raise ValueError(f"Diffusion(prediction={self.prediction!r}) contradicts the model, whose weights "
+                             f"predict {own!r}: drop prediction= (the weights say it) or pass {own!r}")
+        schedule = {"noise_steps": self.noise_steps, "beta_start": self.beta_start, "beta_end": self.beta_end}
+        differ = [f"{k}={trained[k]}" for k in schedule if k in trained and trained[k] != schedule[k]]
+        if differ:
+            ours = ", ".join(f"{k}={schedule[k]}" for k in schedule)
+            raise ValueError(f"the model was trained with {', '.join(differ)}, this Diffusion has {ours}: "
+                             f"build Diffusion({', '.join(differ)}, ...)")
+        return own or self.prediction
+
     def predict_noise(self, model, x, t, labels=None, cfg_scale=3, batched_cfg=True):
         """eps(x_t). With labels and cfg_scale > 0: torch.lerp(uncond, cond, cfg_scale) as the original,
         both predictions from one pass over a doubled batch (label -1 = unconditional) unless batched_cfg
@@ -143,7 +164,7 @@ class Diffusion:
             cond, uncond = model(torch.cat([x, x]), torch.cat([t, t]),
                                  torch.cat([labels, torch.full_like(labels, -1)])).chunk(2)
             out = torch.lerp(uncond, cond, cfg_scale)
-        return self.eps_from_output(x, t, out.float())
+        return self.eps_from_output(x, t, out.float(), self.prediction_of(model))
 
     def clip_eps(self, x, t, eps):
         """The noise that goes with the x0 prediction clipped to the data range [-1, 1] (Ho et al.'s
@@ -242,6 +263,7 @@ class Diffusion:
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}")
         net = unwrap(model)
+        self.prediction_of(model)  # a model that contradicts this Diffusion fails before the first step
         device = next(net.parameters()).device
         shape = (n, getattr(net, "c_in", 3), *self.image_hw)
 

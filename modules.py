@@ -6,7 +6,10 @@ load with strict=True. What changed is how they compute, never what they compute
   * the device comes from the inputs (the original's device="cuda" default crashed on CPU machines);
   * attention runs through F.scaled_dot_product_attention on nn.MultiheadAttention's own parameters;
   * time and label embeddings broadcast instead of being materialised with .repeat;
-  * base_width scales every channel count (64 is the original).
+  * base_width scales every channel count (64 is the original);
+  * a state_dict carries, in its metadata, the constructor call and the diffusion the weights were trained
+    with (see CHECKPOINT_INFO); loading records the latter as `model.trained_with`, which Diffusion.sample
+    reads, and a checkpoint of another shape fails with the constructor call that fits it.
 """
 import torch
 import torch.nn as nn
@@ -174,14 +177,57 @@ class Up(nn.Module):
         return x + self.emb_layer(t)[:, :, None, None]
 
 
+# ---- what a checkpoint says it is ----------------------------------------------------------------------
+# A state_dict's metadata (its `_metadata` attribute, which torch.save and torch.load(weights_only=True) keep
+# and load_state_dict passes to each module) holds, under this key at the root, {"network": "UNet", "args":
+# the constructor's keyword arguments, "trained_with": the diffusion settings}. The original's code ignores it.
+CHECKPOINT_INFO = "ddpm"
+
+
+def network_of(state_dict):
+    """(class name, constructor keyword arguments) that the weights' shapes fit, or None for another network."""
+    try:
+        width, c_in = state_dict["inc.double_conv.0.weight"].shape[:2]
+        args = dict(c_in=int(c_in), c_out=int(state_dict["outc.weight"].shape[0]),
+                    time_dim=int(state_dict["down1.emb_layer.1.weight"].shape[1]), base_width=int(width))
+    except (KeyError, AttributeError, IndexError, ValueError):
+        return None
+    if "label_emb.weight" in state_dict:
+        return "UNet_conditional", {**args, "num_classes": int(state_dict["label_emb.weight"].shape[0])}
+    return "UNet", args
+
+
+def constructor_call(name, args):
+    """UNet(c_in=1, c_out=1, base_width=16): the call, without the arguments left at their defaults."""
+    defaults = dict(c_in=3, c_out=3, time_dim=256, base_width=64)
+    shown = [f"{k}={v}" for k, v in args.items() if k == "num_classes" or defaults.get(k) != v]
+    return f"{name}({', '.join(shown)})"
+
+
+def _write_info(module, state_dict, prefix, local_metadata):
+    local_metadata[CHECKPOINT_INFO] = {"network": type(module).__name__, "args": module.constructor_args(),
+                                       "trained_with": dict(module.trained_with)}
+
+
+def _read_info(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    module.trained_with = dict(local_metadata.get(CHECKPOINT_INFO, {}).get("trained_with", {}))
+
+
 class UNet(nn.Module):
-    """The original's UNet. Input sides must be multiples of 8 (three 2x poolings)."""
+    """The original's UNet. Input sides must be multiples of 8 (three 2x poolings).
+
+    `trained_with`: the diffusion the weights were trained with ({"prediction": "v", "noise_steps": 1000,
+    "beta_start", "beta_end", "image_size"}), saved with the state_dict and set by load_state_dict from it;
+    {} for weights that do not say (the original's, which predict the noise)."""
 
     def __init__(self, c_in=3, c_out=3, time_dim=256, device=None, base_width=64):
         super().__init__()
         del device  # accepted for old scripts; the device now comes from the inputs
         w = base_width
         self.c_in, self.c_out, self.time_dim, self.base_width = c_in, c_out, time_dim, base_width
+        self.trained_with = {}
+        self.register_state_dict_post_hook(_write_info)
+        self.register_load_state_dict_pre_hook(_read_info)
         self.inc = DoubleConv(c_in, w)
         self.down1 = Down(w, 2 * w, time_dim)
         self.sa1 = SelfAttention(2 * w, 32)
@@ -201,6 +247,20 @@ class UNet(nn.Module):
         self.up3 = Up(2 * w, w, time_dim)
         self.sa6 = SelfAttention(w, 64)
         self.outc = nn.Conv2d(w, c_out, kernel_size=1)
+
+    def constructor_args(self):
+        return dict(c_in=self.c_in, c_out=self.c_out, time_dim=self.time_dim, base_width=self.base_width)
+
+    def load_state_dict(self, state_dict, strict=True, assign=False):
+        """nn.Module's, but weights of another shape fail with one line naming the constructor call they fit."""
+        if strict:
+            own = {k: tuple(v.shape) for k, v in self.state_dict().items()}
+            theirs = {k: tuple(getattr(v, "shape", ())) for k, v in state_dict.items()}
+            fits = network_of(state_dict)
+            if own != theirs and fits is not None:
+                mine, call = constructor_call(type(self).__name__, self.constructor_args()), constructor_call(*fits)
+                raise RuntimeError(f"the weights do not fit {mine}: they were saved from {call}; build that")
+        return super().load_state_dict(state_dict, strict, assign)
 
     def pos_encoding(self, t, channels):
         inv_freq = 1.0 / (10000 ** (torch.arange(0, channels, 2, device=t.device).float() / channels))
@@ -247,6 +307,9 @@ class UNet_conditional(UNet):
         if num_classes is not None:
             self.label_emb = nn.Embedding(num_classes, time_dim)
 
+    def constructor_args(self):
+        return {**super().constructor_args(), "num_classes": self.num_classes}
+
     def forward(self, x, t, y=None):
         self.check_input(x)
         t = self.embed_time(t)
@@ -268,6 +331,10 @@ class Autoguided(nn.Module):
         super().__init__()
         self.model, self.guide, self.scale = model, guide, scale
         self.c_in = model.c_in
+
+    @property
+    def trained_with(self):  # Diffusion.sample reads what the model predicts
+        return self.model.trained_with
 
     def forward(self, x, t, *labels):
         return torch.lerp(self.guide(x, t, *labels).float(), self.model(x, t, *labels).float(), self.scale)

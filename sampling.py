@@ -30,7 +30,12 @@ def load_for_sampling(ckpt, device, **overrides):
                         f"it three times): try {max(8, config.image_size // 8 * 8)}")
     if config.noise_steps < 2:
         raise UserError(f"--noise-steps must be at least 2, got {config.noise_steps}")
-    return path, model, config, config.make_diffusion(device)
+    diffusion = config.make_diffusion(device)
+    try:
+        diffusion.prediction_of(model)
+    except ValueError as e:  # an option against what the weights say they were trained with
+        raise UserError(f"--ckpt {path}: {e}") from None
+    return path, model, config, diffusion
 
 
 def add_sampling_options(opt):
