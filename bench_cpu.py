@@ -1,15 +1,18 @@
 """Three CPU choices, measured: OpenMP's wait policy, bf16 autocast, and keeping the prepared images in memory.
 
-    python bench_cpu.py            # prints four markdown tables (about 3 minutes on 2 cores)
+    python bench_cpu.py                  # prints five markdown tables (minutes on 2 cores)
+    python bench_cpu.py --only kernels   # one of them: openmp, bf16, attention, loading, kernels
 
 OpenMP: the default network's training step (UNet_conditional, width 16, 16x16x1, at batch 64; fused
 AdamW) in fresh processes, on an idle CPU and with two jobs sharing it; libgomp reads its settings once,
 when torch loads it. bf16: the default configuration's and the original's (64x64, width 64, batch 12) training
-step in fp32 and under CPU bf16 autocast, contiguous NCHW both: the input to hardware.autocast_dtype's choice,
-which takes bf16 only on CPUs with AMX; and the 64x64 attention layer's forward and backward in fp32, bf16, and
-as modules.CPUBf16Attention runs it. Loading: an epoch of the bundled digits as the default run loads them (in
-the training process, centre crop, batch 32), each image read from its file every epoch or kept in memory
-after the first (utils.SeededSamples), beside the training steps of that epoch.
+step in fp32 and under CPU bf16 autocast, contiguous NCHW both: the input to hardware.precision's choice,
+which takes bf16 only where the CPU has native bf16 dot products (AVX512-BF16 or AMX); and the 64x64
+attention layer's forward and backward in fp32, bf16, and as modules.CPUBf16Attention runs it. Loading: an
+epoch of the bundled digits as the default run loads them (in the training process, centre crop, batch 32),
+each image read from its file every epoch or kept in memory after the first (utils.SeededSamples), beside the
+training steps of that epoch. Kernels: a 3x3 convolution and a matmul, one thread, in fp32 and under bf16
+autocast: 2x faster in bf16 where the CPU has AVX512-BF16, ~100x slower where bf16 is emulated.
 """
 import argparse
 import os
@@ -75,8 +78,29 @@ for _ in range(3):
     seconds.append(time.perf_counter() - t0)
 print(seconds[0], min(seconds[1:]), len(loader))
 """
+KERNELS = """
+import hardware, time, torch
+torch.set_num_threads(1)
+conv, x = torch.nn.Conv2d(64, 64, 3, padding=1, bias=False), torch.randn(12, 64, 64, 64, requires_grad=True)
+a = torch.randn(1024, 1024)
+def seconds(fn, bf16):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        fn()  # a warm-up
+        times = []
+        for _ in range(2):
+            t0 = time.perf_counter(); fn(); times.append(time.perf_counter() - t0)
+    return min(times)
+for name, fn in (("3x3 conv 64->64 of 12x64x64x64, forward", lambda: conv(x.detach())),
+                 ("the same, forward and backward", lambda: conv(x).sum().backward()),
+                 ("1024^3 matmul", lambda: a @ a)):
+    fp32, bf16 = seconds(fn, False), seconds(fn, True)
+    print(f"| {name} | {1000 * fp32:.0f} ms | {1000 * bf16:.0f} ms ({fp32 / bf16:.2f}x) |", flush=True)
+"""
 DEFAULT = ["16", "1", "16", "64", "0"]  # size, channels, width, batch, bf16
 ORIGINAL = ["64", "3", "64", "12"]
+
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def ms_per_step(env, jobs, steps, config=DEFAULT):
@@ -84,31 +108,57 @@ def ms_per_step(env, jobs, steps, config=DEFAULT):
     env = {**{k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")},
            **{k: v for k, v in env.items() if v}}
     procs = [subprocess.Popen([sys.executable, "-c", STEP, str(steps), *config], env=env, stdout=subprocess.PIPE,
-                              text=True, cwd=os.path.dirname(os.path.abspath(__file__))) for _ in range(jobs)]
+                              text=True, cwd=HERE) for _ in range(jobs)]
     return 1000 * sum(float(p.communicate()[0]) for p in procs) / jobs
 
 
-if __name__ == "__main__":
-    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
+def openmp(native):
     print("| OpenMP setting | idle machine | two such jobs at once |\n|---|---|---|")
     for name, env in SETTINGS:
         print(f"| {name} | {ms_per_step(env, 1, 30):.0f} ms | {ms_per_step(env, 2, 15):.0f} ms |", flush=True)
-    from hardware import cpu_has_amx_bf16
 
-    amx = cpu_has_amx_bf16()
-    print(f"\n| training step (this CPU {'has' if amx else 'lacks'} AMX) | fp32 | bf16 autocast |\n|---|---|---|")
+
+def bf16_steps(native):
+    if native is None:
+        print("\nno native bf16 on this CPU: bf16 training steps skipped (emulated; see --only kernels)")
+        return
+    print(f"\n| training step (bf16 on this CPU: {native}) | fp32 | bf16 autocast |\n|---|---|---|")
     for name, config, steps in (("default: 16x16x1, width 16, batch 64", DEFAULT[:-1], 30),
                                 ("original: 64x64x3, width 64, batch 12", ORIGINAL, 3)):
         fp32, bf16 = (ms_per_step({}, 1, steps, config + [b]) for b in ("0", "1"))
         print(f"| {name} | {fp32:.0f} ms | {bf16:.0f} ms ({fp32 / bf16:.2f}x) |", flush=True)
+
+
+def attention(native):
     print("\n| attention of the 64x64 layer, batch 12 (4 heads of 16, 4,096 tokens) | forward | backward |\n"
           "|---|---|---|", flush=True)
-    subprocess.run([sys.executable, "-c", ATTENTION], check=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run([sys.executable, "-c", ATTENTION], check=True, cwd=HERE)
+
+
+def loading(native):
     print("\n| loading the bundled digits (one epoch) | first epoch | later epochs |\n|---|---|---|")
     for name, how in (("read from the files every epoch", "files"), ("kept in memory (the default)", "kept")):
         first, later, steps = (float(v) for v in subprocess.run(
-            [sys.executable, "-c", LOADING, how], check=True, capture_output=True, text=True,
-            cwd=os.path.dirname(os.path.abspath(__file__))).stdout.split())
+            [sys.executable, "-c", LOADING, how], check=True, capture_output=True, text=True, cwd=HERE).stdout.split())
         print(f"| {name} | {first:.2f} s | {later:.2f} s |", flush=True)
-    step = ms_per_step({}, 1, 30, DEFAULT[:3] + ["32", str(int(amx))])
+    step = ms_per_step({}, 1, 30, DEFAULT[:3] + ["32", str(int(native is not None))])  # as train.py runs it
     print(f"| (the training steps of that epoch: {steps:.0f} x {step:.0f} ms) | {steps * step / 1000:.1f} s | |")
+
+
+def kernels(native):
+    print(f"\n| one thread (bf16 on this CPU: {native or 'emulated'}) | fp32 | bf16 autocast |\n|---|---|---|",
+          flush=True)
+    subprocess.run([sys.executable, "-c", KERNELS], check=True, cwd=HERE)
+
+
+if __name__ == "__main__":
+    sections = {"openmp": openmp, "bf16": bf16_steps, "attention": attention, "loading": loading, "kernels": kernels}
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", choices=sections, help="print this table alone")
+    only = p.parse_args().only
+    from hardware import cpu_native_bf16  # (torch loads here: the OpenMP runs above start their own processes)
+
+    native = cpu_native_bf16()
+    for name, section in sections.items():
+        if only in (None, name):
+            section(native)

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import deterministic_weights
+from conftest import deterministic_weights, fake_cpu_bf16
 from ddpm import Diffusion
 from modules import UNet, UNet_conditional, set_original_attention
 
@@ -203,14 +203,32 @@ def test_cuda_graph_steps_match_eager_steps(monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("avx512_bf16, amx, train, sample", [
+    (True, True, torch.bfloat16, torch.bfloat16),  # AMX: bf16 everywhere
+    (True, False, torch.bfloat16, None),  # AVX512-BF16 alone: bf16 trains faster, samples the default model slower
+    (False, True, None, None),  # AMX tiles without AVX512-BF16: taken as no native bf16
+    (False, False, None, None),  # emulated bf16 (AVX2): fp32
+])
+def test_cpu_precision_follows_the_native_bf16_units(monkeypatch, avx512_bf16, amx, train, sample):
+    import hardware
+
+    fake_cpu_bf16(monkeypatch, avx512_bf16, amx)
+    cpu = torch.device("cpu")
+    assert hardware.autocast_dtype(cpu, purpose="train") == train
+    assert hardware.autocast_dtype(cpu, purpose="sample") == sample
+    assert hardware.autocast_dtype(cpu, amp=False, purpose="train") is None  # --no-amp: fp32 everywhere
+    assert hardware.autocast_dtype(cpu, amp=False, purpose="sample") is None
+    assert hardware.describe_precision(cpu, amp=False) == "fp32 (--no-amp)"
+    words = hardware.describe_precision(cpu)
+    assert words.startswith("bf16 autocast (" if train else "fp32 (") and ("grids fp32" in words) == (train != sample)
+    with pytest.raises(ValueError):
+        hardware.autocast_dtype(cpu, purpose="eval")
+
+
 def test_precision_and_layout_are_chosen_per_device(monkeypatch):
     import hardware
 
     cpu = torch.device("cpu")
-    monkeypatch.setattr(hardware, "cpu_has_amx_bf16", lambda: True)
-    assert hardware.autocast_dtype(cpu) == torch.bfloat16 and hardware.autocast_dtype(cpu, amp=False) is None
-    monkeypatch.setattr(hardware, "cpu_has_amx_bf16", lambda: False)  # emulated bf16: ~75x slower, so fp32
-    assert hardware.autocast_dtype(cpu) is None
     assert hardware.autocast_dtype(torch.device("mps")) is None
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
     assert hardware.fast_memory_format(cpu) == torch.contiguous_format
