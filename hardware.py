@@ -60,7 +60,7 @@ def setup_distributed(c):
 
 def cpu_native_bf16():
     """The unit that runs bf16 dot products natively on this CPU: "AMX", "AVX512-BF16", or None (bf16 would be
-    emulated, ~75x slower than fp32 on a 2-core AVX2-only EPYC)."""
+    emulated: a convolution ~100x slower than in fp32 on an AVX2-only EPYC, `python bench_cpu.py --only kernels`)."""
     has_avx512_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
     if has_avx512_bf16 and getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)():
         return "AMX"
