@@ -141,10 +141,10 @@ def test_cpu_bf16_attention_gradients_match_fp32():
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="no CUDA device here"))])
 def test_bf16_autocast_close_to_faithful(device):
-    # the fast path under bf16 autocast (CUDA, AMX CPUs) against the faithful fp32 path on the CPU: close, not
-    # equal. bf16's 8-bit mantissa alone moves this tiny net's deepest gradients by ~25% (the faithful path
-    # under autocast does the same), so the bar is: near fp32 overall, and no more error than bf16 puts on the
-    # faithful path.
+    # the fast path under bf16 autocast (CUDA, CPUs with native bf16) against the faithful fp32 path on the CPU:
+    # close, not equal. bf16's 8-bit mantissa alone moves this tiny net's deepest gradients by ~25% (the faithful
+    # path under autocast does the same), so the bar is: near fp32 overall, and no more error than bf16 puts on
+    # the faithful path.
     model = tiny()
     x, t, y = inputs()
     out_orig, g_orig = grads(set_original_attention(model), x, t, y)
