@@ -11,9 +11,10 @@ subprocess, because a process's peak RSS never goes down.
 
 fast:      what train.py runs: SDPA attention, batched CFG (one pass over 2n images), torch.inference_mode
            for sampling, fused AdamW (4x cheaper on the CPU), and the per-device choices of hardware.py:
-           autocast_dtype (bf16 on CUDA and on AMX CPUs) and fast_memory_format (channels_last on CUDA and
-           AVX-512 CPUs); TF32 on CUDA. Eager: with one process on a GPU train.py also replays the step
-           as CUDA graphs (--no-cuda-graphs to compare; docs/speed.md#cuda).
+           autocast_dtype, per path (bf16 on CUDA; on CPUs with AVX512-BF16 or AMX for training, with AMX for
+           sampling) and fast_memory_format (channels_last on CUDA and AVX-512 CPUs); TF32 on CUDA. Eager:
+           with one process on a GPU train.py also replays the step as CUDA graphs (--no-cuda-graphs to
+           compare; docs/speed.md#cuda).
 fast-fp32: the same without autocast (run only where the fast path uses one).
 faithful:  fp32 eager, the original's nn.MultiheadAttention call, two CFG passes, contiguous NCHW, plain AdamW.
 """
@@ -105,13 +106,14 @@ def worker(a):
     cfg, fast = CONFIGS[a.config], a.path != "faithful"
     if a.threads:
         torch.set_num_threads(a.threads)
-    amp_dtype = autocast_dtype(device) if a.path == "fast" else None
+    train_dtype, sample_dtype = (autocast_dtype(device, purpose=p) if a.path == "fast" else None
+                                 for p in ("train", "sample"))
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = amp_dtype is not None
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = train_dtype is not None
     fmt = fast_memory_format(device) if a.channels_last == "auto" else (
         torch.channels_last if a.channels_last == "on" else torch.contiguous_format)
     fmt = fmt if fast else torch.contiguous_format
-    train_step, sample_step, forward = make_steps(cfg, fast, a.compile, device, amp_dtype, fmt)
+    train_step, sample_step, forward = make_steps(cfg, fast, a.compile, device, (train_dtype, sample_dtype), fmt)
 
     base = peak_memory_gb(device)  # held before the first step (on the CPU: torch's own libraries too)
     if device.type == "cuda":
@@ -131,17 +133,20 @@ def worker(a):
         forward_s = timed(forward, device, a.steps, a.warmup)
     print(json.dumps(dict(train_s=train_s, sample_s=sample_s, forward_s=forward_s, base_gb=base,
                           train_peak_gb=train_peak, peak_gb=peak_memory_gb(device),
-                          channels_last=fmt == torch.channels_last, precision=precision_name(amp_dtype),
+                          channels_last=fmt == torch.channels_last, precision=precision_name(train_dtype),
+                          sample_precision=precision_name(sample_dtype),
                           threads=torch.get_num_threads())))
 
 
-def make_steps(cfg, fast, compile, device, amp_dtype, fmt):
-    """(a training step, a guided sampling step, a forward pass) of one path, as closures."""
+def make_steps(cfg, fast, compile, device, dtypes, fmt):
+    """(a training step, a guided sampling step, a forward pass) of one path, as closures; dtypes: the autocast
+    dtypes (None: fp32) of training and of sampling."""
+    train_dtype, sample_dtype = dtypes
     model = make_model(cfg).to(device, memory_format=fmt)
     set_original_attention(model, not fast)
     net = torch.compile(model) if fast and compile else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=True if fast else None)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    scaler = torch.amp.GradScaler("cuda", enabled=train_dtype == torch.float16)
     diffusion = Diffusion(1000, img_size=cfg["image_size"], device=device)
     n, s, c = cfg["batch"], cfg["image_size"], cfg["channels"]
     images = torch.randn(n, c, s, s, device=device).clamp(-1, 1).contiguous(memory_format=fmt)
@@ -153,7 +158,7 @@ def make_steps(cfg, fast, compile, device, amp_dtype, fmt):
         # drawn on the device: sample_timesteps copies from the CPU, a host sync per step on CUDA
         t = torch.randint(1, diffusion.noise_steps, (n,), device=device) if fast else diffusion.sample_timesteps(n)
         x_t, noise = diffusion.noise_images(images, t)
-        with autocast(device, amp_dtype):
+        with autocast(device, train_dtype):
             predicted = net(x_t, t, labels)
         loss = F.mse_loss(predicted.float(), noise)
         optimizer.zero_grad(set_to_none=True)
@@ -163,13 +168,13 @@ def make_steps(cfg, fast, compile, device, amp_dtype, fmt):
 
     def sample_step():  # one DDPM step with classifier-free guidance, as Diffusion.sample runs it
         model.eval()
-        with autocast(device, amp_dtype):
+        with autocast(device, sample_dtype):
             eps = diffusion.predict_noise(net, x, t_mid, labels, cfg_scale=3, batched_cfg=fast)
         diffusion.ddpm_step(x, t_mid, eps, torch.randn_like(x))
 
     def forward():
         model.eval()
-        with autocast(device, amp_dtype):
+        with autocast(device, sample_dtype):
             net(x, t_mid, labels)
 
     return train_step, sample_step, forward
@@ -206,10 +211,12 @@ def main():
 
     device = torch.device(a.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
-    amp_dtype = autocast_dtype(device)
+    amp_dtype, sample_dtype = autocast_dtype(device, purpose="train"), autocast_dtype(device, purpose="sample")
     peak32 = matmul_gflops(device)
-    # each path's compute dtype sets its peak: the autocast dtype's for the fast path, fp32's for the others
+    # each step's compute dtype sets its peak: the fast path's autocast dtype (training's, sampling's), else fp32
     peak_fast = matmul_gflops(device, amp_dtype) if amp_dtype is not None else peak32
+    peaks = {"fast": (peak_fast, peak_fast if sample_dtype == amp_dtype else peak32), "fast-fp32": (peak32, peak32),
+             "faithful": (peak32, peak32)}
     print(f"device: {device} ({name}), torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')} GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT')}")
     print(f"matmul peak (2048^3): fp32 {peak32:.0f} GFLOP/s" +
@@ -218,7 +225,7 @@ def main():
           "on the original's attention math (the same function)")
     paths = [p for p in a.paths.split(",") if p != "fast-fp32" or amp_dtype is not None]
     for config in a.configs.split(","):
-        print_config(a, config, paths, {"fast": peak_fast, "fast-fp32": peak32, "faithful": peak32}, device)
+        print_config(a, config, paths, peaks, device)
 
 
 def print_config(a, config, paths, peaks, device):
@@ -232,7 +239,7 @@ def print_config(a, config, paths, peaks, device):
     rows = {}
     for path in paths:
         r = rows[path] = run_worker(a, config, path)
-        peak = peaks[path]
+        peak, forward_peak = peaks[path]  # training's, and the forward's (sampling's precision)
         gf_train = train_flops * n / r["train_s"] / 1e9
         gf_fwd = fwd_flops * n / r["forward_s"] / 1e9
         mem = "max_memory_allocated" if device.type == "cuda" else "peak RSS"
@@ -240,9 +247,11 @@ def print_config(a, config, paths, peaks, device):
               f"{gf_train:.0f} GFLOP/s = {gf_train / peak:.0%} of peak)\n"
               f"            sample {n / r['sample_s']:7.1f} guided evals/s ({r['sample_s']:.3f} s per CFG step "
               f"of {n})\n"
-              f"            forward {r['forward_s']:.3f} s ({gf_fwd:.0f} GFLOP/s = {gf_fwd / peak:.0%} of peak)\n"
+              f"            forward {r['forward_s']:.3f} s "
+              f"({gf_fwd:.0f} GFLOP/s = {gf_fwd / forward_peak:.0%} of peak)\n"
               f"            {mem}: training {r['train_peak_gb']:.2f} GB, whole run {r['peak_gb']:.2f} GB, "
-              f"at start {r['base_gb']:.2f} GB | channels_last={r['channels_last']}, {r['precision']}")
+              f"at start {r['base_gb']:.2f} GB | channels_last={r['channels_last']}, {r['precision']}"
+              + (f", sampling {r['sample_precision']}" if r['sample_precision'] != r['precision'] else ""))
     for path in ("fast", "fast-fp32"):
         if path in rows and "faithful" in rows:
             f, o = rows[path], rows["faithful"]

@@ -1,15 +1,22 @@
 """Three CPU choices, measured: OpenMP's wait policy, bf16 autocast, and keeping the prepared images in memory.
 
-    python bench_cpu.py            # prints four markdown tables (about 3 minutes on 2 cores)
+    python bench_cpu.py                  # prints its markdown tables (minutes on 2 cores)
+    python bench_cpu.py --only profile   # one of them: openmp, bf16, attention, loading, kernels, profile, variants
+    python bench_cpu.py --only variants --compile
 
 OpenMP: the default network's training step (UNet_conditional, width 16, 16x16x1, at batch 64; fused
 AdamW) in fresh processes, on an idle CPU and with two jobs sharing it; libgomp reads its settings once,
 when torch loads it. bf16: the default configuration's and the original's (64x64, width 64, batch 12) training
-step in fp32 and under CPU bf16 autocast, contiguous NCHW both: the input to hardware.autocast_dtype's choice,
-which takes bf16 only on CPUs with AMX; and the 64x64 attention layer's forward and backward in fp32, bf16, and
-as modules.CPUBf16Attention runs it. Loading: an epoch of the bundled digits as the default run loads them (in
-the training process, centre crop, batch 32), each image read from its file every epoch or kept in memory
-after the first (utils.SeededSamples), beside the training steps of that epoch.
+step in fp32 and under CPU bf16 autocast, contiguous NCHW both: the input to hardware.precision's choice,
+which takes bf16 only where the CPU has native bf16 dot products (AVX512-BF16 or AMX); and the 64x64
+attention layer's forward and backward in fp32, bf16, and as modules.CPUBf16Attention runs it. Loading: an
+epoch of the bundled digits as the default run loads them (in the training process, centre crop, batch 32),
+each image read from its file every epoch or kept in memory after the first (utils.SeededSamples), beside the
+training steps of that epoch. Kernels: a 3x3 convolution and a matmul, one thread, in fp32 and under bf16
+autocast: 2x faster in bf16 where the CPU has AVX512-BF16, ~100x slower where bf16 is emulated. Profile: the
+default runs' training step (ddpm_conditional.py's, then ddpm.py's) by operator, with its data loading.
+Variants: that network's step computed other ways with the same math (memory format, convolution backend,
+attention kernel, torch.compile), one thread, interleaved.
 """
 import argparse
 import os
@@ -75,8 +82,99 @@ for _ in range(3):
     seconds.append(time.perf_counter() - t0)
 print(seconds[0], min(seconds[1:]), len(loader))
 """
+KERNELS = """
+import hardware, time, torch
+torch.set_num_threads(1)
+conv, x = torch.nn.Conv2d(64, 64, 3, padding=1, bias=False), torch.randn(12, 64, 64, 64, requires_grad=True)
+a = torch.randn(1024, 1024)
+def seconds(fn, bf16):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        fn()  # a warm-up
+        times = []
+        for _ in range(2):
+            t0 = time.perf_counter(); fn(); times.append(time.perf_counter() - t0)
+    return min(times)
+for name, fn in (("3x3 conv 64->64 of 12x64x64x64, forward", lambda: conv(x.detach())),
+                 ("the same, forward and backward", lambda: conv(x).sum().backward()),
+                 ("1024^3 matmul", lambda: a @ a)):
+    fp32, bf16 = seconds(fn, False), seconds(fn, True)
+    print(f"| {name} | {1000 * fp32:.0f} ms | {1000 * bf16:.0f} ms ({fp32 / bf16:.2f}x) |", flush=True)
+"""
+PROFILE = """
+import hardware, sys, time, torch
+from torch.profiler import profile
+import train
+from options import parse_args, resolve_args
+conditional, steps = sys.argv[1] == "1", int(sys.argv[2])
+c, _ = resolve_args(parse_args(conditional, ["--seed", "0"]))  # the default run, as ddpm(_conditional).py
+loader = train.prepare_data(c, 0, 1, torch.device("cpu"))
+run = train.build_run(c, 0, 1, torch.device("cpu"), len(loader))
+for _ in loader:  # an epoch read first: every image prepared and kept, as after a run's first epoch
+    pass
+batches, loading = iter(loader), 0.0
+for _ in range(5):  # warm-up steps
+    train.train_step(run, *next(batches))
+with profile() as prof:
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        t1 = time.perf_counter()
+        images, labels = next(batches)
+        loading += time.perf_counter() - t1
+        train.train_step(run, images, labels).mean().item()  # what log_loss reads each step
+    wall = time.perf_counter() - t0
+ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+total = sum(e.self_cpu_time_total for e in ops) / 1000 / steps
+print(f"{steps} steps of {'ddpm_conditional.py' if conditional else 'ddpm.py'}, {torch.get_num_threads()} threads, "
+      f"under the profiler: {1000 * wall / steps:.0f} ms a step wall, of which {1000 * loading / steps:.1f} ms "
+      f"loading the batch; {total:.0f} ms in operators (self CPU time)")
+print("| operator | ms a step | share | calls a step |")
+print("|---|---|---|---|")
+for e in ops[:10]:
+    ms = e.self_cpu_time_total / 1000 / steps
+    print(f"| {e.key} | {ms:.1f} | {ms / total:.0%} | {e.count / steps:.0f} |")
+"""
+VARIANTS = """
+import contextlib, sys, time, warnings, hardware, torch
+import torch.nn.functional as F
+warnings.filterwarnings("ignore", "TF32 acceleration on top of oneDNN")  # said by mkldnn.flags, about Intel GPUs
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from modules import UNet_conditional
+torch.set_num_threads(1)  # CPU time of one thread: what other jobs on the machine change least
+x, t, y = torch.randn(32, 1, 16, 16), torch.randint(1, 1000, (32,)), torch.randint(0, 10, (32,))
+def variant(fmt=torch.contiguous_format, context=contextlib.nullcontext, compile=False):
+    torch.manual_seed(0)
+    model = UNet_conditional(1, 1, num_classes=10, base_width=16).to(memory_format=fmt)
+    net, optimizer, images = torch.compile(model) if compile else model, \
+        torch.optim.AdamW(model.parameters(), fused=True), x.contiguous(memory_format=fmt)
+    def step():
+        with context():
+            loss = F.mse_loss(net(images, t, y), x)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+        optimizer.step()
+    t0 = time.perf_counter()
+    step()
+    return step, time.perf_counter() - t0
+variants = {"as train.py runs it (oneDNN convolutions, fused SDPA attention, NCHW)": variant(),
+            "channels_last": variant(torch.channels_last),
+            "convolutions without oneDNN": variant(context=lambda: torch.backends.mkldnn.flags(enabled=False)),
+            "attention by SDPA's math backend (256x256 scores kept)": variant(context=lambda: sdpa_kernel(
+                SDPBackend.MATH))}
+if sys.argv[1] == "1":
+    variants["torch.compile"] = variant(compile=True)
+times = {name: [] for name in variants}
+for _ in range(10):  # interleaved, so that a busy moment hits every variant alike
+    for name, (step, _) in variants.items():
+        t0 = time.process_time(); step(); times[name].append(time.process_time() - t0)
+for name, (_, first) in variants.items():
+    ms = 1000 * sorted(times[name])[5]
+    print(f"| {name} | {ms:.0f} ms | {first:.1f} s |", flush=True)
+"""
 DEFAULT = ["16", "1", "16", "64", "0"]  # size, channels, width, batch, bf16
 ORIGINAL = ["64", "3", "64", "12"]
+
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def ms_per_step(env, jobs, steps, config=DEFAULT):
@@ -84,31 +182,71 @@ def ms_per_step(env, jobs, steps, config=DEFAULT):
     env = {**{k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")},
            **{k: v for k, v in env.items() if v}}
     procs = [subprocess.Popen([sys.executable, "-c", STEP, str(steps), *config], env=env, stdout=subprocess.PIPE,
-                              text=True, cwd=os.path.dirname(os.path.abspath(__file__))) for _ in range(jobs)]
+                              text=True, cwd=HERE) for _ in range(jobs)]
     return 1000 * sum(float(p.communicate()[0]) for p in procs) / jobs
 
 
-if __name__ == "__main__":
-    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
+def openmp(a):
     print("| OpenMP setting | idle machine | two such jobs at once |\n|---|---|---|")
     for name, env in SETTINGS:
         print(f"| {name} | {ms_per_step(env, 1, 30):.0f} ms | {ms_per_step(env, 2, 15):.0f} ms |", flush=True)
-    from hardware import cpu_has_amx_bf16
 
-    amx = cpu_has_amx_bf16()
-    print(f"\n| training step (this CPU {'has' if amx else 'lacks'} AMX) | fp32 | bf16 autocast |\n|---|---|---|")
+
+def bf16_steps(a):
+    if a.native is None:
+        print("\nno native bf16 on this CPU: bf16 training steps skipped (emulated; see --only kernels)")
+        return
+    print(f"\n| training step (bf16 on this CPU: {a.native}) | fp32 | bf16 autocast |\n|---|---|---|")
     for name, config, steps in (("default: 16x16x1, width 16, batch 64", DEFAULT[:-1], 30),
                                 ("original: 64x64x3, width 64, batch 12", ORIGINAL, 3)):
         fp32, bf16 = (ms_per_step({}, 1, steps, config + [b]) for b in ("0", "1"))
         print(f"| {name} | {fp32:.0f} ms | {bf16:.0f} ms ({fp32 / bf16:.2f}x) |", flush=True)
+
+
+def attention(a):
     print("\n| attention of the 64x64 layer, batch 12 (4 heads of 16, 4,096 tokens) | forward | backward |\n"
           "|---|---|---|", flush=True)
-    subprocess.run([sys.executable, "-c", ATTENTION], check=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run([sys.executable, "-c", ATTENTION], check=True, cwd=HERE)
+
+
+def loading(a):
     print("\n| loading the bundled digits (one epoch) | first epoch | later epochs |\n|---|---|---|")
     for name, how in (("read from the files every epoch", "files"), ("kept in memory (the default)", "kept")):
         first, later, steps = (float(v) for v in subprocess.run(
-            [sys.executable, "-c", LOADING, how], check=True, capture_output=True, text=True,
-            cwd=os.path.dirname(os.path.abspath(__file__))).stdout.split())
+            [sys.executable, "-c", LOADING, how], check=True, capture_output=True, text=True, cwd=HERE).stdout.split())
         print(f"| {name} | {first:.2f} s | {later:.2f} s |", flush=True)
-    step = ms_per_step({}, 1, 30, DEFAULT[:3] + ["32", str(int(amx))])
+    step = ms_per_step({}, 1, 30, DEFAULT[:3] + ["32", str(int(a.native is not None))])  # as train.py runs it
     print(f"| (the training steps of that epoch: {steps:.0f} x {step:.0f} ms) | {steps * step / 1000:.1f} s | |")
+
+
+def profile(a):
+    print("\nthe default run's training step (train.py's train_step, the bundled digits, batch 32), by operator:")
+    for conditional in ("1", "0"):
+        subprocess.run([sys.executable, "-c", PROFILE, conditional, "50"], check=True, cwd=HERE)
+
+
+def variants(a):
+    print("\nthe default network's training step (conditional, batch 32, fused AdamW), one thread, CPU time:\n"
+          "| variant (the same math) | ms a step | first step (compiling) |\n|---|---|---|", flush=True)
+    subprocess.run([sys.executable, "-c", VARIANTS, str(int(a.compile))], check=True, cwd=HERE)
+
+
+def kernels(a):
+    print(f"\n| one thread (bf16 on this CPU: {a.native or 'emulated'}) | fp32 | bf16 autocast |\n|---|---|---|",
+          flush=True)
+    subprocess.run([sys.executable, "-c", KERNELS], check=True, cwd=HERE)
+
+
+if __name__ == "__main__":
+    sections = {"openmp": openmp, "bf16": bf16_steps, "attention": attention, "loading": loading, "kernels": kernels,
+                "profile": profile, "variants": variants}
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", choices=sections, help="print this table alone")
+    p.add_argument("--compile", action="store_true", help="variants: also torch.compile (minutes of compiling)")
+    a = p.parse_args()
+    from hardware import cpu_native_bf16  # (torch loads here; the OpenMP runs start processes of their own)
+
+    a.native = cpu_native_bf16()
+    for name, section in sections.items():
+        if a.only in (None, name):
+            section(a)

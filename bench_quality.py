@@ -200,9 +200,9 @@ def score(config, ev, n, device, cfg_scale=None, cfg_min_sigma=None, sample_step
     results = []
     for draw in range(seed, seed + draws):  # the model and its guide are loaded once for all draws
         images, ys = generate(model, diffusion, n if config.conditional else 10 * n, labels, s.cfg_scale, s.sampler,
-                              s.steps, s.eta, seed=draw, progress=False, amp_dtype=autocast_dtype(device),
-                              cfg_min_sigma=s.cfg_min_sigma, corrector_snr=s.corrector_snr, clip=s.clip,
-                              clusters=saved.cluster_sizes)
+                              s.steps, s.eta, seed=draw, progress=False,
+                              amp_dtype=autocast_dtype(device, purpose="sample"), cfg_min_sigma=s.cfg_min_sigma,
+                              corrector_snr=s.corrector_snr, clip=s.clip, clusters=saved.cluster_sizes)
         results.append(ev.evaluate(images, ys))
     return mean_of(results)
 

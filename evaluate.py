@@ -83,7 +83,7 @@ def samples_from_checkpoint(a, device):
     # named every time: a run saved before a setting existed samples as it did then
     print(f"sampling: {describe_sampling(a, guided, config.takes_labels)}", file=sys.stderr)
     images, ys = generate(model, diffusion, a.n, labels, a.cfg_scale, a.sampler, a.steps, a.eta, a.seed,
-                          amp_dtype=autocast_dtype(device, a.amp), cfg_min_sigma=a.cfg_min_sigma,
+                          amp_dtype=autocast_dtype(device, a.amp, "sample"), cfg_min_sigma=a.cfg_min_sigma,
                           corrector_snr=a.corrector_snr, clip=a.clip, clusters=config.cluster_sizes)
     return images, ys, config.channels, config.dataset_path
 

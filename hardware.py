@@ -58,24 +58,48 @@ def setup_distributed(c):
     return rank, dist.get_world_size(), device
 
 
-def cpu_has_amx_bf16():
-    is_amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-    is_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
-    return is_amx() and is_bf16()
+def cpu_native_bf16():
+    """The unit that runs bf16 dot products natively on this CPU: "AMX", "AVX512-BF16", or None (bf16 would be
+    emulated: a convolution ~100x slower than in fp32 on an AVX2-only EPYC, `python bench_cpu.py --only kernels`)."""
+    has_avx512_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+    if has_avx512_bf16 and getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)():
+        return "AMX"
+    return "AVX512-BF16" if has_avx512_bf16 else None
 
 
-def autocast_dtype(device, amp=True):
-    """The fast path's autocast dtype on `device`, or None for fp32; a per-device choice, from measurements.
-    CUDA: bf16, or fp16 (with a GradScaler) where bf16 is missing. CPU: bf16 only with AMX, where oneDNN's bf16
-    convolutions run ~4x faster than fp32 ones (the 64x64 training step: 1.8 vs 3.0 s, bench.py); without it
-    bf16 is emulated, ~75x slower on a 2-core AVX2 EPYC. MPS: fp32 (never measured)."""
+def precision(device, amp=True, purpose="train"):
+    """(autocast dtype or None for fp32, the reason in a few words) for `purpose` "train" (the training step) or
+    "sample" (sampling), per device, from measurements (docs/speed.md#precision-per-device). CUDA: bf16, or fp16
+    (with a GradScaler) where bf16 is missing. CPU: bf16 where its dot products are native; sampling only with
+    AMX, since with AVX512-BF16 alone the default 16x16 model samples slower in bf16 than in fp32 (690 vs 760
+    guided evaluations/s) while it trains 1.2x faster. MPS: fp32 (never measured). amp=False: fp32."""
+    if purpose not in ("train", "sample"):
+        raise ValueError(f"purpose {purpose!r}: train or sample")
     if not amp:
-        return None
+        return None, "--no-amp"
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "cpu" and cpu_has_amx_bf16():
-        return torch.bfloat16
-    return None
+        return (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16), "CUDA"
+    if device.type != "cpu":
+        return None, f"not measured on {device.type}"
+    native = cpu_native_bf16()
+    if native is None:
+        return None, "no native bf16 on this CPU"
+    if purpose == "sample" and native != "AMX":
+        return None, f"{native} without AMX: bf16 sampling measured slower"
+    return torch.bfloat16, native
+
+
+def autocast_dtype(device, amp=True, purpose="train"):
+    """The autocast dtype precision() picks, or None for fp32."""
+    return precision(device, amp, purpose)[0]
+
+
+def describe_precision(device, amp=True):
+    """The training and sampling precision in a few words, for a run's first line: "bf16 autocast (AMX)",
+    "fp32 (--no-amp)", "bf16 autocast (AVX512-BF16), grids fp32 (AVX512-BF16 without AMX: ...)"."""
+    (train_dtype, train_why), (sample_dtype, sample_why) = (precision(device, amp, p) for p in ("train", "sample"))
+    text = f"{precision_name(train_dtype)} ({train_why})"
+    return text if sample_dtype == train_dtype else text + f", grids {precision_name(sample_dtype)} ({sample_why})"
 
 
 def autocast(device, dtype, cache_enabled=True):

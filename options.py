@@ -40,8 +40,8 @@ def add_machine_options(opt):
         help="one process on a GPU: capture the network's forward and backward once as CUDA graphs and replay "
              "them each step (the same arithmetic, without the kernel launches); --no-cuda-graphs: eager")
     opt("--amp", action=argparse.BooleanOptionalAction,
-        help="mixed precision where it is faster: bf16 autocast on CUDA (fp16 without bf16) and on CPUs with "
-             "AMX; --no-amp: fp32 everywhere")
+        help="mixed precision where it is faster: bf16 autocast on CUDA (fp16 without bf16); on CPUs with "
+             "native bf16 (AVX512-BF16 or AMX) for training, with AMX for the grids; --no-amp: fp32 everywhere")
 
 
 def parse_args(conditional, argv=None):

@@ -105,7 +105,7 @@ def main(argv=None):
     try:
         ckpt, model, config, labels, diffusion, as_dir = resolve(a)
         images, ys = generate(model, diffusion, a.n, labels, a.cfg_scale, a.sampler, a.steps, a.eta, a.seed,
-                              a.batch_size, not a.no_progress, autocast_dtype(diffusion.device, a.amp),
+                              a.batch_size, not a.no_progress, autocast_dtype(diffusion.device, a.amp, "sample"),
                               cfg_min_sigma=a.cfg_min_sigma, corrector_snr=a.corrector_snr, clip=a.clip,
                               clusters=config.cluster_sizes)
         nrow = a.n if labels is not None and a.n <= 16 else min(16, len(images))

@@ -60,7 +60,7 @@ def add_sampling_options(opt):
              "sampler's own: ddim and dpm++ clip, ddpm does not)")
     opt("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     opt("--amp", action=argparse.BooleanOptionalAction, default=True,
-        help="bf16 autocast on CUDA and AMX CPUs (fp16 on CUDA without bf16); --no-amp: fp32")
+        help="bf16 autocast on CUDA and CPUs with AMX (fp16 on CUDA without bf16; hardware.py); --no-amp: fp32")
 
 
 def resolve_sampling(a, config):

@@ -24,7 +24,7 @@ from checkpoints import (GUIDE_FILE, atomic_save, cpu_state_dict, file_version, 
                          load_weights, match_state_layout, old_run_outputs, rng_state, save_run, set_rng_state)
 from config import cluster_count, guide_epoch
 from options import parse_args, resolve_args
-from hardware import (autocast, autocast_dtype, cuda_graphed, fast_memory_format, precision_name,
+from hardware import (autocast, autocast_dtype, cuda_graphed, describe_precision, fast_memory_format,
                       setup_distributed)
 from modules import EMA, Autoguided
 from sampling import cluster_draws
@@ -57,7 +57,7 @@ class Run:
 
 
 def build_run(c, rank, world, device, steps_per_epoch):
-    memory_format, amp_dtype = fast_memory_format(device), autocast_dtype(device, c.amp)  # per device, measured
+    memory_format, amp_dtype = fast_memory_format(device), autocast_dtype(device, c.amp, "train")  # measured
     model = c.make_model().to(device, memory_format=memory_format)
     net = model
     if world > 1:  # DDP starts every rank from rank 0's weights
@@ -168,7 +168,7 @@ def sample_grid(run, model):
         labels = cluster_draws(c.cluster_sizes, c.n_samples, g)
     if run.guide_model is not None and c.guide_scale != 1:
         model = Autoguided(model, run.guide_model, c.guide_scale)
-    with autocast(run.device, run.amp_dtype):
+    with autocast(run.device, autocast_dtype(run.device, c.amp, "sample")):
         return run.diffusion.sample(model, c.n_samples, labels, cfg_scale=c.cfg_scale, sampler=c.sampler,
                                     steps=c.sample_steps, eta=c.eta, generator=g, cfg_min_sigma=c.cfg_min_sigma,
                                     corrector_snr=c.corrector_snr, clip=c.clip)
@@ -315,7 +315,7 @@ def train(c, resuming=False, overwrite=False, stop=None):
     if rank == 0:
         clustered = f" in {c.clusters} k-means clusters" if c.clusters else ""
         print(f"run {c.run_name}: {len(dataloader.dataset)} images from {c.dataset_path}{clustered}, {device}, "
-              f"{world} process(es) x batch {c.batch_size}, {precision_name(run.amp_dtype)}; "
+              f"{world} process(es) x batch {c.batch_size}, {describe_precision(device, c.amp)}; "
               f"outputs in runs/, results/, models/{c.run_name}/")
     for epoch in range(start_epoch, c.epochs):
         # the order depends on (seed, epoch) alone; a run stopped mid-epoch resumes at its next batch

@@ -24,6 +24,12 @@ def deterministic_weights(model):
     return model
 
 
+def fake_cpu_bf16(monkeypatch, avx512_bf16, amx):
+    """Make this CPU report the bf16 units it is given to torch's capability checks (hardware.cpu_native_bf16)."""
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+
+
 def write_images(folder, n, size=(12, 10), seed=0, mode="RGB"):
     rng = np.random.default_rng(seed)
     os.makedirs(folder, exist_ok=True)

@@ -11,6 +11,7 @@ from PIL import Image
 import sample
 from checkpoints import save_config
 from config import RunConfig
+from conftest import fake_cpu_bf16
 from modules import UNet, UNet_conditional
 from train import rng_state
 
@@ -125,9 +126,7 @@ def test_same_seed_same_images_and_underscore_aliases(tmp_path, capsys):
 
 
 def test_amp_flag_sets_the_networks_precision(tmp_path, capsys, monkeypatch):
-    import hardware
-
-    monkeypatch.setattr(hardware, "cpu_has_amx_bf16", lambda: True)  # as on an AMX CPU, whatever this one is
+    fake_cpu_bf16(monkeypatch, avx512_bf16=True, amx=True)  # as on an AMX CPU, whatever this one is
     ckpt = make_run(tmp_path / "run")
     dtypes, real_generate = {}, sample.generate
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import deterministic_weights
+from conftest import deterministic_weights, fake_cpu_bf16
 from ddpm import Diffusion
 from modules import UNet, UNet_conditional, set_original_attention
 
@@ -141,10 +141,10 @@ def test_cpu_bf16_attention_gradients_match_fp32():
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="no CUDA device here"))])
 def test_bf16_autocast_close_to_faithful(device):
-    # the fast path under bf16 autocast (CUDA, AMX CPUs) against the faithful fp32 path on the CPU: close, not
-    # equal. bf16's 8-bit mantissa alone moves this tiny net's deepest gradients by ~25% (the faithful path
-    # under autocast does the same), so the bar is: near fp32 overall, and no more error than bf16 puts on the
-    # faithful path.
+    # the fast path under bf16 autocast (CUDA, CPUs with native bf16) against the faithful fp32 path on the CPU:
+    # close, not equal. bf16's 8-bit mantissa alone moves this tiny net's deepest gradients by ~25% (the faithful
+    # path under autocast does the same), so the bar is: near fp32 overall, and no more error than bf16 puts on
+    # the faithful path.
     model = tiny()
     x, t, y = inputs()
     out_orig, g_orig = grads(set_original_attention(model), x, t, y)
@@ -203,14 +203,32 @@ def test_cuda_graph_steps_match_eager_steps(monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("avx512_bf16, amx, train, sample", [
+    (True, True, torch.bfloat16, torch.bfloat16),  # AMX: bf16 everywhere
+    (True, False, torch.bfloat16, None),  # AVX512-BF16 alone: bf16 trains faster, samples the default model slower
+    (False, True, None, None),  # AMX tiles without AVX512-BF16: taken as no native bf16
+    (False, False, None, None),  # emulated bf16 (AVX2): fp32
+])
+def test_cpu_precision_follows_the_native_bf16_units(monkeypatch, avx512_bf16, amx, train, sample):
+    import hardware
+
+    fake_cpu_bf16(monkeypatch, avx512_bf16, amx)
+    cpu = torch.device("cpu")
+    assert hardware.autocast_dtype(cpu, purpose="train") == train
+    assert hardware.autocast_dtype(cpu, purpose="sample") == sample
+    assert hardware.autocast_dtype(cpu, amp=False, purpose="train") is None  # --no-amp: fp32 everywhere
+    assert hardware.autocast_dtype(cpu, amp=False, purpose="sample") is None
+    assert hardware.describe_precision(cpu, amp=False) == "fp32 (--no-amp)"
+    words = hardware.describe_precision(cpu)
+    assert words.startswith("bf16 autocast (" if train else "fp32 (") and ("grids fp32" in words) == (train != sample)
+    with pytest.raises(ValueError):
+        hardware.autocast_dtype(cpu, purpose="eval")
+
+
 def test_precision_and_layout_are_chosen_per_device(monkeypatch):
     import hardware
 
     cpu = torch.device("cpu")
-    monkeypatch.setattr(hardware, "cpu_has_amx_bf16", lambda: True)
-    assert hardware.autocast_dtype(cpu) == torch.bfloat16 and hardware.autocast_dtype(cpu, amp=False) is None
-    monkeypatch.setattr(hardware, "cpu_has_amx_bf16", lambda: False)  # emulated bf16: ~75x slower, so fp32
-    assert hardware.autocast_dtype(cpu) is None
     assert hardware.autocast_dtype(torch.device("mps")) is None
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
     assert hardware.fast_memory_format(cpu) == torch.contiguous_format

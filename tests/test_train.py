@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, fake_cpu_bf16
 from ddpm import Diffusion
 from modules import UNet, UNet_conditional
 from checkpoints import load_checkpoint, load_weights
@@ -266,17 +266,16 @@ def test_gradient_clipping_bounds_the_norm_adam_sees(image_folder, in_tmp, monke
 
 
 def test_amp_follows_the_device_choice(image_folder, in_tmp, monkeypatch, capsys):
-    # bf16 autocast where hardware.autocast_dtype picks it (forced here, so that any CPU runs this path), fp32
-    # with --no-amp: the runs differ, both train to finite weights, and each says which precision it used
+    # bf16 autocast where hardware.precision picks it (an AMX CPU faked here, so that any CPU runs this path),
+    # fp32 with --no-amp: the runs differ, both train to finite weights, and each says which precision it used
     import train
-    import hardware
 
-    monkeypatch.setattr(hardware, "cpu_has_amx_bf16", lambda: True)
+    fake_cpu_bf16(monkeypatch, avx512_bf16=True, amx=True)
     monkeypatch.setattr(train, "fast_memory_format", lambda device: torch.channels_last)
     sds = []
     for name, flag in (("bf16", "--amp"), ("fp32", "--no-amp")):
         train.main(True, ["--dataset-path", image_folder, "--epochs", "1", "--run-name", name, flag, *TINY])
-        assert ("bf16 autocast" if name == "bf16" else "fp32") in capsys.readouterr().out
+        assert ("bf16 autocast (AMX);" if name == "bf16" else "fp32 (--no-amp);") in capsys.readouterr().out
         sds.append(load_checkpoint(f"models/{name}/ckpt.pt"))
     assert all(v.dtype == torch.float32 and v.isfinite().all() for v in sds[0].values() if v.is_floating_point())
     assert all(v.is_contiguous() for sd in sds for v in sd.values())  # plain tensors, whatever the training layout
