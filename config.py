@@ -1,4 +1,5 @@
-"""Every setting of a run and its default (written here once), and the presets.
+"""Every setting of a run: RunConfig at ddpm.py's defaults, and DIFFERENCES beside it, where ddpm_conditional.py's
+and the original's (--preset original) differ; each value written once.
 
 A run's config is saved as models/<run>/config.json beside its checkpoints (checkpoints.py); sample.py,
 evaluate.py and --resume rebuild the network, the diffusion and the data from it.
@@ -15,7 +16,7 @@ from utils import UserError
 class RunConfig:
     # the network (modules.UNet / UNet_conditional)
     conditional: bool = False
-    clusters: int = 0  # condition on up to this many k-means clusters of the images, guide by them (0: not)
+    clusters: int = 0  # condition on up to this many k-means clusters of the images, guide by them (0: none)
     channels: int = None  # c_in = c_out; None: 1 for the bundled digits, else 3
     base_width: int = 16
     num_classes: int = None  # None: the dataset's class count, set when the data is read (the digits: 10)
@@ -55,7 +56,7 @@ class RunConfig:
     sampler: str = "ddim"
     sample_steps: int = 100  # autoguided samples gain from 100 (docs/sampling.md); CFG'd ones are done at 50
     eta: float = 1.0
-    cfg_scale: float = 1.6
+    cfg_scale: float = 1.6  # for labels: ddpm_conditional.py's (--clusters K brings its own, CLUSTERED_DEFAULTS)
     cfg_min_sigma: float = 1.0  # guidance only where sigma_t > this, t >= 259 (0: at every step, as the original)
     guide_scale: float = 2.0  # autoguidance by guide_ckpt.pt, where the run has one (1: off; sampling.with_guide)
     corrector_snr: float = 0.3  # a Langevin corrector step after each sampling step (0: none; docs/sampling.md)

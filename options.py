@@ -51,7 +51,8 @@ def parse_args(conditional, argv=None):
         description=f"Train a {'class-conditional' if conditional else 'unconditional'} DDPM. With no "
                     "arguments: the bundled MNIST digits, a small network, minutes on a laptop CPU.")
     opt = option_adder(p)  # --dash-names, with the original's --underscore_names as aliases
-    opt("--preset", choices=sorted(PRESETS), help="settings for what you leave unset (default: default)")
+    opt("--preset", choices=sorted(PRESETS), help="settings for what you leave unset (default: default; "
+                                                   "config.py lists both side by side)")
     opt("--run-name", help="outputs go to runs/, results/, models/ under this name")
     opt("--dataset-path", help="an ImageFolder (one subfolder per class) or a flat folder of images; "
                                "default: the bundled MNIST digits, written to data/mnist")
