@@ -28,8 +28,8 @@ import torch
 
 import train
 from checkpoints import load_checkpoint, load_config
-from config import (CLUSTERED_DEFAULTS, PLAIN_UNCONDITIONAL, SECTIONS, check_cfg_min_sigma, check_corrector_snr,
-                    own_clip, preset_config, validate)
+from config import (CLUSTERED_DEFAULTS, PRESETS, SECTIONS, check_cfg_min_sigma, check_corrector_snr, own_clip,
+                    preset_config, validate)
 from hardware import autocast_dtype, pick_device
 from quality import Evaluator
 from sampling import generate, load_for_sampling, resolve_sampling, with_guide
@@ -41,7 +41,6 @@ from utils import UserError, get_data, option_adder, prepare_mnist
 BEFORE = {"batch_size": 64, "adam_beta2": 0.999, "guide_at": 0.0}
 RECIPES = {
     "default": ("default", {}),
-    "plain": ("default", {}),  # unconditional: ddpm.py --clusters 0 (recipe_base); conditional: the default
     "uniform-t": ("default", dict(timesteps="uniform")),
     "eps": ("default", dict(prediction="eps")),
     "random-crop": ("default", dict(crop="random")),
@@ -105,6 +104,10 @@ def build_parser():
                                             "0: at every step (default: the recipe's)")
     opt("--clip", action=argparse.BooleanOptionalAction, help="clip each step's x0 prediction to the data range "
                                                               "(default: the recipe's)")
+    opt("--original-script", choices=("ckpt", "ema"),
+        help="score the run's ckpt.pt or ema_ckpt.pt as the original README's script samples it: "
+             "Diffusion(...).sample(model, n), DDPM's 999 steps without a guide (labels: CFG 3 at every step), "
+             "corrector or clip (default: as the recipe's grids, EMA weights)")
     opt("--n", type=int, default=50, help="samples per label (unconditional: 10x this in all; default: 50)")
     opt("--draws", type=int, default=1, help="score this many draws of samples (seeds 0, 1, ...) and print "
                                              "their mean: FD at 500 samples varies by draw (default: 1)")
@@ -124,19 +127,10 @@ def run_folder(dataset_path):
     return os.path.join(FOLDER, f"{os.path.basename(path)}_{hashlib.sha1(path.encode()).hexdigest()[:6]}")
 
 
-def recipe_base(name, conditional):
-    """The preset a recipe changes: unconditional recipes other than the default and clusters-K change the
-    plain unconditional model (ddpm.py --clusters 0), on which they were measured."""
+def recipe_config(name, seed, conditional, dataset_path, folder=FOLDER):
     preset, changes = RECIPES[name]
     base = preset_config(preset, conditional)
-    if base.clusters and name != "default" and not changes.get("clusters"):
-        base = dataclasses.replace(base, **PLAIN_UNCONDITIONAL)
-    return base
-
-
-def recipe_config(name, seed, conditional, dataset_path, folder=FOLDER):
-    base = recipe_base(name, conditional)
-    config = dataclasses.replace(base, **RECIPES[name][1])
+    config = dataclasses.replace(base, **changes)
     config.clip = own_clip(base, config.sampler, config.eta)
     config.seed, config.dataset_path = seed, dataset_path
     config.channels = config.channels or 1
@@ -184,19 +178,27 @@ def train_to(config, epochs):
 
 
 def score(config, ev, n, device, cfg_scale=None, cfg_min_sigma=None, sample_steps=None, corrector_snr=None,
-          clip=None, seed=0, draws=1):
+          clip=None, seed=0, draws=1, original_script=None):
     """The judge's figures for the run's EMA weights (a dict, see quality.Evaluator.evaluate; with draws > 1
     their mean over the draws from the noises of seed, seed + 1, ...), sampled from the noises of `seed` with
     the recipe's grid settings (a run saved before a sampling default changed is scored with today's), unless
-    a guidance scale, cfg_min_sigma, number of sampling steps, corrector or clip is given."""
-    path, model, saved, diffusion = load_for_sampling(os.path.join("models", config.run_name), device)
-    model, _ = with_guide(model, config, path, device)  # the run's own autoguidance, as sample.py's
+    a guidance scale, cfg_min_sigma, number of sampling steps, corrector or clip is given. original_script
+    ("ckpt" or "ema"): those weights sampled as the original README's script samples them instead."""
+    run_dir = os.path.join("models", config.run_name)
+    if original_script:  # the weights alone, DDPM's 999 steps; labels: CFG 3 at every step, as the original
+        weights = os.path.join(run_dir, "ckpt.pt" if original_script == "ckpt" else "ema_ckpt.pt")
+        path, model, saved, diffusion = load_for_sampling(weights, device)
+        s = argparse.Namespace(sampler="ddpm", steps=None, eta=None, corrector_snr=0.0, clip=None,
+                               cfg_scale=PRESETS["original"]["cfg_scale"], cfg_min_sigma=0.0)
+    else:
+        path, model, saved, diffusion = load_for_sampling(run_dir, device)
+        model, _ = with_guide(model, config, path, device)  # the run's own autoguidance, as sample.py's
+        # what is not given comes from the recipe, as sample.py fills it from a run
+        s = argparse.Namespace(sampler=None, steps=sample_steps, eta=None, corrector_snr=corrector_snr, clip=clip,
+                               cfg_scale=cfg_scale, cfg_min_sigma=cfg_min_sigma)
+    resolve_sampling(s, config)
     # the saved config knows the class count (a recipe's is None until its data is read in training)
     labels = list(range(saved.num_classes)) if config.conditional else None
-    # what is not given comes from the recipe, as sample.py fills it from a run
-    s = argparse.Namespace(sampler=None, steps=sample_steps, eta=None, corrector_snr=corrector_snr, clip=clip,
-                           cfg_scale=cfg_scale, cfg_min_sigma=cfg_min_sigma)
-    resolve_sampling(s, config)
     results = []
     for draw in range(seed, seed + draws):  # the model and its guide are loaded once for all draws
         images, ys = generate(model, diffusion, n if config.conditional else 10 * n, labels, s.cfg_scale, s.sampler,
@@ -251,8 +253,13 @@ def bench(a, argv):
     if unknown or min(points) <= 0 or a.n <= 0 or a.draws <= 0:
         raise UserError(f"--recipes {a.recipes} / --steps {a.steps} / --n {a.n} / --draws {a.draws}: recipes from "
                         f"{', '.join(RECIPES)}, positive steps, --n and --draws")
-    if scales and a.unconditional and not all(recipe_base(r, False).clusters for r in recipes):
-        raise UserError("--cfg-scales guides by labels: unconditional, only the default and clusters-K have them")
+    if scales and a.unconditional and not all(RECIPES[r][1].get("clusters") for r in recipes):
+        raise UserError("--cfg-scales guides by labels: unconditional, only the clusters-K recipes have them")
+    if a.original_script and (scales or a.sample_steps or a.corrector_snr or a.cfg_min_sigma or a.clip
+                              or any(RECIPES[r][1].get("clusters") for r in recipes)):
+        raise UserError("--original-script samples a run's weights alone with DDPM-999, as the original README's "
+                        "script: drop --cfg-scales, --sample-steps, --corrector-snr, --cfg-min-sigma, --clip and "
+                        "the clusters-K recipes")
     device = pick_device(a.device)
     dataset_path, folder = a.dataset_path or prepare_mnist(), run_folder(a.dataset_path)
     probe = recipe_config(recipes[0], seeds[0], not a.unconditional, dataset_path, folder)
@@ -286,9 +293,10 @@ def bench(a, argv):
                 took = time.perf_counter() - t0
                 secs = secs + took if config.lr_schedule == "constant" else took
                 steps = epochs * steps_per_epoch
-                for cfg_scale in scales or [config.cfg_scale if config.takes_labels else "-"]:
+                own_scale = PRESETS["original"]["cfg_scale"] if a.original_script else config.cfg_scale
+                for cfg_scale in scales or [own_scale if config.takes_labels else "-"]:
                     r = score(run, ev, a.n, device, cfg_scale if scales else None, a.cfg_min_sigma, a.sample_steps,
-                              a.corrector_snr, a.clip, draws=a.draws)
+                              a.corrector_snr, a.clip, draws=a.draws, original_script=a.original_script)
                     label = recipe if len(scales) < 2 else f"{recipe}, CFG {cfg_scale}"
                     results[(label, seed, steps)], batch_sizes[label] = r, config.batch_size
                     lines.append(row(recipe, seed, steps, cfg_scale, r, secs))

@@ -1,4 +1,5 @@
-"""Every setting of a run and its default (written here once), and the presets.
+"""Every setting of a run: RunConfig at ddpm.py's defaults, and DIFFERENCES beside it, where ddpm_conditional.py's
+and the original's (--preset original) differ; each value written once.
 
 A run's config is saved as models/<run>/config.json beside its checkpoints (checkpoints.py); sample.py,
 evaluate.py and --resume rebuild the network, the diffusion and the data from it.
@@ -15,7 +16,7 @@ from utils import UserError
 class RunConfig:
     # the network (modules.UNet / UNet_conditional)
     conditional: bool = False
-    clusters: int = 0  # condition on up to this many k-means clusters of the images, guide by them (0: not)
+    clusters: int = 0  # condition on up to this many k-means clusters of the images, guide by them (0: none)
     channels: int = None  # c_in = c_out; None: 1 for the bundled digits, else 3
     base_width: int = 16
     num_classes: int = None  # None: the dataset's class count, set when the data is read (the digits: 10)
@@ -55,7 +56,7 @@ class RunConfig:
     sampler: str = "ddim"
     sample_steps: int = 100  # autoguided samples gain from 100 (docs/sampling.md); CFG'd ones are done at 50
     eta: float = 1.0
-    cfg_scale: float = 1.6
+    cfg_scale: float = 1.6  # for labels: ddpm_conditional.py's (--clusters K brings its own, CLUSTERED_DEFAULTS)
     cfg_min_sigma: float = 1.0  # guidance only where sigma_t > this, t >= 259 (0: at every step, as the original)
     guide_scale: float = 2.0  # autoguidance by guide_ckpt.pt, where the run has one (1: off; sampling.with_guide)
     corrector_snr: float = 0.3  # a Langevin corrector step after each sampling step (0: none; docs/sampling.md)
@@ -121,26 +122,46 @@ RUN_DEFINING = SECTIONS["network"] + SECTIONS["diffusion"] + ("image_size",)
 
 ORIGINAL_NUM_CLASSES = 10  # the original's hard-coded count: its preset, and runs saved before it came from the data
 
-# What a preset changes from the defaults above. "default" finishes on a 2-core CPU in minutes on the bundled
-# MNIST digits (docs/quality.md); "original" is the original repo's setup.
-PRESETS = {
-    "default": {},
-    "original": dict(image_size=64, channels=3, base_width=64, prediction="eps", crop="random", batch_size=12,
-                     lr=3e-4, adam_beta2=0.999, epochs=500, warmup_steps=0, lr_schedule="constant", grad_clip=0.0,
-                     min_snr_gamma=0.0, timesteps="uniform", ema=False, ema_beta=0.995, ema_start=2000,
-                     label_dropout_mode="batch", num_classes=ORIGINAL_NUM_CLASSES,
-                     sample_interval=1, n_samples=12, sampler="ddpm", sample_steps=999, cfg_scale=3.0,
-                     cfg_min_sigma=0.0, guide_at=0.0, corrector_snr=0.0, clip=None),
+# RunConfig's defaults above are ddpm.py's. Where ddpm_conditional.py's and the original's (--preset original: the
+# original repo's two scripts as they were) differ from them, side by side; a setting not named here is the same
+# everywhere. AS_DDPM: the same as ddpm.py's in that preset.
+AS_DDPM = "as ddpm.py"
+#                    ddpm_conditional.py  --preset original: ddpm.py   ddpm_conditional.py
+DIFFERENCES = {
+    "image_size":         (AS_DDPM,           64,                          AS_DDPM),
+    "channels":           (AS_DDPM,           3,                           AS_DDPM),
+    "base_width":         (AS_DDPM,           64,                          AS_DDPM),
+    "num_classes":        (AS_DDPM,           ORIGINAL_NUM_CLASSES,        AS_DDPM),
+    "prediction":         (AS_DDPM,           "eps",                       AS_DDPM),
+    "crop":               (AS_DDPM,           "random",                    AS_DDPM),
+    "epochs":             (AS_DDPM,           500,                         300),
+    "batch_size":         (AS_DDPM,           12,                          14),
+    "lr":                 (AS_DDPM,           3e-4,                        AS_DDPM),
+    "adam_beta2":         (AS_DDPM,           0.999,                       AS_DDPM),
+    "warmup_steps":       (AS_DDPM,           0,                           AS_DDPM),
+    "lr_schedule":        (AS_DDPM,           "constant",                  AS_DDPM),
+    "grad_clip":          (AS_DDPM,           0.0,                         AS_DDPM),
+    "min_snr_gamma":      (AS_DDPM,           0.0,                         AS_DDPM),
+    "timesteps":          (AS_DDPM,           "uniform",                   AS_DDPM),
+    "ema":                (AS_DDPM,           False,                       True),
+    "ema_beta":           (AS_DDPM,           0.995,                       AS_DDPM),
+    "ema_start":          (AS_DDPM,           2000,                        AS_DDPM),
+    "label_dropout_mode": (AS_DDPM,           "batch",                     AS_DDPM),
+    "guide_at":           (0.0,               0.0,                         AS_DDPM),  # CFG guides a conditional run
+    "sample_interval":    (AS_DDPM,           1,                           10),
+    "n_samples":          (80,                12,                          10),
+    "sampler":            (AS_DDPM,           "ddpm",                      AS_DDPM),
+    "sample_steps":       (50,                999,                         AS_DDPM),  # CFG'd samples are done at 50
+    "cfg_scale":          (AS_DDPM,           3.0,                         AS_DDPM),
+    "cfg_min_sigma":      (AS_DDPM,           0.0,                         AS_DDPM),
+    "corrector_snr":      (0.0,               0.0,                         AS_DDPM),
+    "clip":               (AS_DDPM,           None,                        AS_DDPM),
 }
-CONDITIONAL_PRESETS = {  # ddpm_conditional.py's own differences; CFG guides them (docs/sampling.md)
-    "default": dict(n_samples=80, guide_at=0.0, sample_steps=50, corrector_snr=0.0),
-    "original": dict(batch_size=14, epochs=300, sample_interval=10, n_samples=10, ema=True),
-}
-# ddpm.py's default: it finds 100 clusters of its images and guides by them, CFG at 50 steps (docs/quality.md)
-CLUSTERED_DEFAULTS = dict(guide_at=0.0, sample_steps=50, corrector_snr=0.0, cfg_scale=2.5)
-UNCONDITIONAL_PRESETS = {"default": dict(clusters=100, **CLUSTERED_DEFAULTS), "original": {}}
-# `ddpm.py --clusters 0`: the unconditional network alone, autoguided by its early EMA, DDIM-100 and a corrector
-PLAIN_UNCONDITIONAL = dict(clusters=0, **{k: getattr(RunConfig, k) for k in CLUSTERED_DEFAULTS})
+# what each preset changes from RunConfig's defaults in ddpm.py (preset_config adds ddpm_conditional.py's column)
+PRESETS = {"default": {}, "original": {k: cells[1] for k, cells in DIFFERENCES.items()}}
+# `ddpm.py --clusters K` (K >= 2) brings these with it, unless given: clusters guide by CFG, which is done at 50
+# steps, with neither the run's own guide nor a corrector (docs/quality.md#guided-by-its-own-clusters)
+CLUSTERED_DEFAULTS = dict(cfg_scale=2.5, sample_steps=50, guide_at=0.0, corrector_snr=0.0)
 IMAGES_PER_CLUSTER = 10  # --clusters K finds at most one cluster per this many images
 # settings added to config.json later, and what a run saved without them trained with
 ADDED_LATER = dict(timesteps="uniform", cfg_min_sigma=0.0, adam_beta2=0.999, guide_at=0.0, guide_scale=1.0,
@@ -157,8 +178,12 @@ def guide_epoch(c):
 
 
 def preset_config(preset, conditional):
-    own = (CONDITIONAL_PRESETS if conditional else UNCONDITIONAL_PRESETS)[preset]
-    return RunConfig(conditional=conditional, preset=preset, **{**PRESETS[preset], **own})
+    """A new run's settings before its options: the preset's column of DIFFERENCES over RunConfig's defaults."""
+    changes = dict(PRESETS[preset])
+    if conditional:
+        column = 0 if preset == "default" else 2
+        changes.update({k: cells[column] for k, cells in DIFFERENCES.items() if cells[column] != AS_DDPM})
+    return RunConfig(conditional=conditional, preset=preset, **changes)
 
 
 def cluster_count(requested, n_images):

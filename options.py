@@ -6,7 +6,7 @@ import os
 import sys
 
 from checkpoints import load_config
-from config import PLAIN_UNCONDITIONAL, PRESETS, RUN_DEFINING, own_clip, preset_config, validate
+from config import CLUSTERED_DEFAULTS, PRESETS, RUN_DEFINING, own_clip, preset_config, validate
 from diffusion import PREDICTIONS, SAMPLERS
 from utils import UserError, looks_grayscale, option_adder
 
@@ -15,7 +15,8 @@ def add_grid_options(opt, conditional):
     """How the sample grids saved during training are drawn."""
     opt("--sample-interval", type=int, help="save a sample grid every N epochs (and after the last)")
     opt("--n-samples", type=int, help="images per sample grid")
-    opt("--sampler", choices=SAMPLERS, help="sampler for the grids")
+    opt("--sampler", choices=SAMPLERS, help="sampler for the grids (with another sampler or --eta than the "
+                                            "preset's, the clip is the sampler's own unless --clip/--no-clip)")
     opt("--sample-steps", type=int, help="network evaluations per grid image (ddpm: all)")
     opt("--eta", type=float, help="DDIM noise: 0 deterministic, 1 DDPM-like")
     opt("--cfg-scale", type=float, help="classifier-free guidance scale for the grids"
@@ -50,7 +51,8 @@ def parse_args(conditional, argv=None):
         description=f"Train a {'class-conditional' if conditional else 'unconditional'} DDPM. With no "
                     "arguments: the bundled MNIST digits, a small network, minutes on a laptop CPU.")
     opt = option_adder(p)  # --dash-names, with the original's --underscore_names as aliases
-    opt("--preset", choices=sorted(PRESETS), help="settings for what you leave unset (default: default)")
+    opt("--preset", choices=sorted(PRESETS), help="settings for what you leave unset (default: default; "
+                                                   "config.py lists both side by side)")
     opt("--run-name", help="outputs go to runs/, results/, models/ under this name")
     opt("--dataset-path", help="an ImageFolder (one subfolder per class) or a flat folder of images; "
                                "default: the bundled MNIST digits, written to data/mnist")
@@ -77,7 +79,8 @@ def parse_args(conditional, argv=None):
         help="training timesteps: uniform as the original, or drawn in proportion to their min-SNR weight "
              "(the same expected loss, less noise)")
     opt("--seed", type=int, help="makes a CPU run repeatable")
-    opt("--noise-steps", type=int, help="diffusion steps T")
+    opt("--noise-steps", type=int, help="diffusion steps T (the grids' default --sample-steps shrink to at "
+                                        "most T - 1 with it)")
     add_grid_options(opt, conditional)
     opt("--ema-beta", type=float, help="EMA decay")
     opt("--ema-start", type=int, help="steps of hard copy before the EMA starts averaging")
@@ -95,14 +98,19 @@ def parse_args(conditional, argv=None):
     else:
         opt("--clusters", type=int, help="find up to this many clusters of the images by k-means (no labels; "
                                          "at most one per 10 images), train on them as classes and guide the "
-                                         "samples with them (CFG); their label embedding is saved in clusters.pt. "
-                                         "0: the plain unconditional model, autoguided (default: 100; "
-                                         "docs/quality.md)")
+                                         "samples with them; their label embedding is saved in clusters.pt. "
+                                         "K >= 2 also sets, unless given, " + spelled_all(CLUSTERED_DEFAULTS)
+                                         + " (docs/quality.md). Default 0: the plain unconditional model, "
+                                         "autoguided by its own early EMA")
         opt("--ema", action=argparse.BooleanOptionalAction, help="also keep an EMA model (ema_ckpt.pt); "
                                                                  "on in the default preset")
     args = p.parse_args(argv)
     args.conditional = conditional
     return args
+
+
+def spelled_all(settings):
+    return " ".join(spelled(k, v) for k, v in settings.items())
 
 
 def spelled(name, value):
@@ -111,13 +119,21 @@ def spelled(name, value):
     return (f"--{flag}" if value else f"--no-{flag}") if isinstance(value, bool) else f"--{flag} {value}"
 
 
+def default_run_name(conditional, preset, dataset_path):
+    """The original's names for --preset original; else _mnist for the bundled digits, or the folder's name."""
+    name = "DDPM_conditional" if conditional else "DDPM_Unconditional"
+    if preset == "original":
+        return name
+    folder = os.path.basename(os.path.normpath(os.path.abspath(dataset_path))) if dataset_path else "mnist"
+    return f"{name}_{folder}"
+
+
 def resolve_args(args):
     """(the run's RunConfig, whether it resumes): the command line over the resumed run's config, or over
     the preset for a new run."""
     explicit = {k: v for k, v in vars(args).items() if v is not None and k not in ("resume", "overwrite")}
     preset = explicit.get("preset", "default")
-    run_name = explicit.get("run_name") or ("DDPM_conditional" if args.conditional else "DDPM_Unconditional") + \
-        ("" if preset == "original" else "_mnist")
+    run_name = explicit.get("run_name") or default_run_name(args.conditional, preset, explicit.get("dataset_path"))
     run_dir = os.path.join("models", run_name)
     if args.resume:
         saved = load_config(run_dir) if os.path.isfile(os.path.join(run_dir, "state.pt")) else None
@@ -131,8 +147,8 @@ def resolve_args(args):
         base = saved
     else:
         base = preset_config(preset, args.conditional)
-        if explicit.get("clusters") == 0 and base.clusters:  # ddpm.py's default without its clusters
-            base = dataclasses.replace(base, **PLAIN_UNCONDITIONAL)
+        if explicit.get("clusters"):  # what clusters need to guide by them (--help); 0 changes nothing
+            base = dataclasses.replace(base, **CLUSTERED_DEFAULTS)
     config = dataclasses.replace(base, **explicit)
     if not config.takes_labels and {"cfg_scale", "cfg_min_sigma"} & set(explicit):
         raise UserError("--cfg-scale / --cfg-min-sigma guide by labels: this run has none (pass --clusters K, "
@@ -142,7 +158,6 @@ def resolve_args(args):
     config.run_name = run_name
     if "sample_steps" not in explicit:  # a short --noise-steps shortens the default grid sampling with it
         config.sample_steps = min(config.sample_steps, config.noise_steps - 1)
-    config.ema = config.ema or args.conditional  # the conditional script always keeps one
     if config.channels is None:  # the bundled digits are grayscale; a user's images are taken as RGB
         config.channels = 1 if config.dataset_path is None else 3
         if config.dataset_path and os.environ.get("RANK", "0") == "0" and looks_grayscale(config.dataset_path):

@@ -281,7 +281,7 @@ def prepare_data(c, rank, world, device):
             n_images = len(make_dataset(c.dataset_path, c.image_size, c.channels, "center"))
             if n_images < 2:
                 raise UserError(f"--dataset-path {c.dataset_path}: one image cannot be sorted into clusters to "
-                                "guide by: add images, or pass --clusters 0")
+                                "guide by: add images, or drop --clusters")
             c.clusters = cluster_count(c.clusters, n_images)
         labels = cluster_images(c.dataset_path, c.image_size, c.channels, c.clusters, c.data_seed)
         sizes = torch.bincount(labels, minlength=c.clusters).tolist()

@@ -166,3 +166,23 @@ def test_bench_quality_reports_the_training_time_alone(tmp_path, monkeypatch, ca
     bench_quality.main(["--unconditional", "--recipes", "default", "--steps", "10,20,30", "--out", "table.md"])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| default")]
     assert [row.split("|")[-2].strip() for row in rows] == ["reused", "2.0", "3.0"]
+
+
+def test_bench_quality_scores_the_weights_as_the_original_readme_samples_them(monkeypatch, capsys):
+    import bench_quality
+
+    config = bench_quality.recipe_config("default", 0, False, None, bench_quality.FOLDER)
+    calls = []
+    monkeypatch.setattr(bench_quality, "load_for_sampling",
+                        lambda path, device: calls.append(path) or (path, "model", config, "diffusion"))
+    monkeypatch.setattr(bench_quality, "with_guide", lambda *a: pytest.fail("the original's script has no guide"))
+    monkeypatch.setattr(bench_quality, "generate", lambda *a, **kw: calls.append(
+        (a[5], a[6], kw["corrector_snr"], kw["clip"])) or (None, None))
+    judge = argparse.Namespace(evaluate=lambda images, labels: {})
+    for weights in ("ckpt", "ema"):
+        bench_quality.score(config, judge, 1, torch.device("cpu"), original_script=weights)
+    assert calls == [os.path.join("models", config.run_name, "ckpt.pt"), ("ddpm", 999, 0.0, None),
+                     os.path.join("models", config.run_name, "ema_ckpt.pt"), ("ddpm", 999, 0.0, None)]
+    with pytest.raises(SystemExit) as exit:
+        bench_quality.main(["--unconditional", "--original-script", "ema", "--corrector-snr", "0.3"])
+    assert exit.value.code == 2 and "--original-script samples a run's weights alone" in capsys.readouterr().err

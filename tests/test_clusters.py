@@ -56,7 +56,7 @@ def test_clusters_are_found_without_labels_and_repeat(tmp_path):
     assert cluster_count(40, 5000) == 40
 
 
-def test_the_default_run_trains_on_clusters_of_its_images_and_resumes_only_on_the_same(tmp_path, in_tmp, monkeypatch, capsys):
+def test_a_clusters_run_trains_on_clusters_of_its_images_and_resumes_only_on_the_same(tmp_path, in_tmp, monkeypatch, capsys):
     import train
 
     folder = dark_and_bright(str(tmp_path / "flat"))
@@ -68,8 +68,8 @@ def test_the_default_run_trains_on_clusters_of_its_images_and_resumes_only_on_th
         return drop_labels(labels, u, c)
 
     monkeypatch.setattr(train, "drop_labels", spy)
-    args = ["--dataset-path", folder, "--run-name", "k", *TINY]  # the default: up to 100, one per 10 images
-    train.main(False, [*args, "--epochs", "1"])
+    args = ["--dataset-path", folder, "--run-name", "k", *TINY]
+    train.main(False, [*args, "--clusters", "100", "--epochs", "1"])  # at most one per 10 images: 2
     assert "12 images from " + folder + " in 2 k-means clusters" in capsys.readouterr().out
     # a flat folder labels every image 0: the network saw the two clusters instead
     assert torch.cat(seen).unique().tolist() == [0, 1]
@@ -141,8 +141,8 @@ def test_clusters_and_cfg_options_fail_clearly(image_folder, in_tmp, capsys):
     assert not os.path.exists("models")
     os.makedirs("one")
     Image.new("RGB", (8, 8)).save("one/a.png")
-    code, err = run_main(["--dataset-path", "one", "--epochs", "1", *TINY], capsys)
-    assert code == 2 and "one image cannot be sorted into clusters" in err and "--clusters 0" in err
+    code, err = run_main(["--dataset-path", "one", "--clusters", "2", "--epochs", "1", *TINY], capsys)
+    assert code == 2 and "one image cannot be sorted into clusters" in err and "drop --clusters" in err
     assert not os.path.exists("models")
 
 
@@ -160,16 +160,14 @@ def test_bench_quality_scores_guidance_scales_only_where_there_are_labels(capsys
     import bench_quality
 
     with pytest.raises(SystemExit) as e:
-        bench_quality.main(["--unconditional", "--recipes", "clusters-40,default,plain", "--cfg-scales", "2,3"])
-    assert e.value.code == 2 and "only the default and clusters-K have them" in capsys.readouterr().err
-    # the unconditional default is clustered; the other recipes change the plain model they were measured on
-    assert bench_quality.recipe_config("default", 0, False, None).clusters == 100
-    plain, no_guide = (bench_quality.recipe_config(r, 0, False, None) for r in ("plain", "no-guide"))
-    assert (plain.clusters, plain.guide_at, plain.sample_steps, plain.corrector_snr) == (0, 0.25, 100, 0.3)
+        bench_quality.main(["--unconditional", "--recipes", "clusters-40,default", "--cfg-scales", "2,3"])
+    assert e.value.code == 2 and "only the clusters-K recipes have them" in capsys.readouterr().err
+    # the unconditional default is the plain model; clusters-K bring what `ddpm.py --clusters K` brings
+    default, no_guide, k = (bench_quality.recipe_config(r, 0, False, None)
+                            for r in ("default", "no-guide", "clusters-40"))
+    assert (default.clusters, default.guide_at, default.sample_steps, default.corrector_snr) == (0, 0.25, 100, 0.3)
     assert (no_guide.clusters, no_guide.guide_at) == (0, 0.0)
-    conditional = [dataclasses.replace(bench_quality.recipe_config(r, 0, True, None), run_name=None)
-                   for r in ("plain", "default")]
-    assert conditional[0] == conditional[1]
+    assert (k.clusters, k.cfg_scale, k.guide_at, k.sample_steps, k.corrector_snr) == (40, 2.5, 0.0, 50, 0.0)
 
 
 def test_bench_quality_reuses_a_clusters_run_whatever_its_cluster_sizes():

@@ -50,6 +50,7 @@ def test_help_lists_every_setting(tmp_path):
 
 
 def test_original_preset_is_the_originals():
+    from config import CLUSTERED_DEFAULTS
     from options import parse_args, resolve_args
 
     a, _ = resolve_args(parse_args(False, ["--preset", "original"]))
@@ -66,9 +67,13 @@ def test_original_preset_is_the_originals():
     assert resolve_args(parse_args(True, []))[0].num_classes is None  # the dataset's count, once it is read
     assert (a.corrector_snr, c.corrector_snr) == (0, 0)
     d, plain = (resolve_args(parse_args(False, k))[0] for k in ([], ["--clusters", "0"]))
-    # ddpm.py's default is guided by 100 clusters of its images; without them it is autoguided and corrected
-    assert (d.clusters, d.cfg_scale, d.guide_at, d.sample_steps, d.corrector_snr) == (100, 2.5, 0.0, 50, 0.0)
-    assert (plain.clusters, plain.guide_at, plain.sample_steps, plain.corrector_snr) == (0, 0.25, 100, 0.3)
+    # ddpm.py's default is the plain unconditional network, autoguided and corrected; --clusters 0 changes nothing
+    assert (d.clusters, d.guide_at, d.sample_steps, d.corrector_snr) == (0, 0.25, 100, 0.3) and d == plain
+    # --clusters K brings what guiding by clusters needs, and nothing else; an option given still wins
+    k, k3 = (resolve_args(parse_args(False, ["--clusters", "2", *x]))[0] for x in ([], ["--cfg-scale", "3"]))
+    assert (k.clusters, k.cfg_scale, k.guide_at, k.sample_steps, k.corrector_snr) == (2, 2.5, 0.0, 50, 0.0)
+    assert {f for f in vars(k) if getattr(k, f) != getattr(d, f)} == {"clusters", *CLUSTERED_DEFAULTS}
+    assert (k3.cfg_scale, k3.sample_steps) == (3.0, 50)
     assert resolve_args(parse_args(True, []))[0].corrector_snr == 0
     # the default's stochastic DDIM samples unclipped; another grid sampler gets its own choice
     assert (a.clip, c.clip) == (None, None) and not any(resolve_args(parse_args(k, []))[0].clip is not False
@@ -285,7 +290,7 @@ def test_amp_follows_the_device_choice(image_folder, in_tmp, monkeypatch, capsys
 def test_a_short_noise_schedule_shortens_the_default_grid_sampling():
     from options import parse_args, resolve_args
 
-    config, _ = resolve_args(parse_args(False, ["--noise-steps", "100", "--clusters", "0"]))
+    config, _ = resolve_args(parse_args(False, ["--noise-steps", "100"]))
     assert config.sample_steps == 99
     with pytest.raises(UserError, match="--sample-steps must be at most 99, got 200"):
         resolve_args(parse_args(False, ["--noise-steps", "100", "--sample-steps", "200"]))
