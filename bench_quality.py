@@ -241,14 +241,8 @@ def main(argv=None):
         sys.exit(2)
 
 
-def bench(a, argv):
-    try:
-        recipes, seeds = a.recipes.split(","), [int(s) for s in a.seeds.split(",")]
-        points = sorted(int(s) for s in a.steps.split(","))
-        scales = [float(s) for s in a.cfg_scales.split(",")] if a.cfg_scales else []
-    except ValueError:
-        raise UserError(f"--seeds {a.seeds} / --steps {a.steps} / --cfg-scales {a.cfg_scales}: comma-separated "
-                        "numbers, e.g. --seeds 0,1,2 --steps 250,500") from None
+def check_choices(a, recipes, points, scales):
+    """A UserError for recipes, points and sampling options that do not go together."""
     unknown = [r for r in recipes if r not in RECIPES]
     if unknown or min(points) <= 0 or a.n <= 0 or a.draws <= 0:
         raise UserError(f"--recipes {a.recipes} / --steps {a.steps} / --n {a.n} / --draws {a.draws}: recipes from "
@@ -260,6 +254,17 @@ def bench(a, argv):
         raise UserError("--original-script samples a run's weights alone with DDPM-999, as the original README's "
                         "script: drop --cfg-scales, --sample-steps, --corrector-snr, --cfg-min-sigma, --clip and "
                         "the clusters-K recipes")
+
+
+def bench(a, argv):
+    try:
+        recipes, seeds = a.recipes.split(","), [int(s) for s in a.seeds.split(",")]
+        points = sorted(int(s) for s in a.steps.split(","))
+        scales = [float(s) for s in a.cfg_scales.split(",")] if a.cfg_scales else []
+    except ValueError:
+        raise UserError(f"--seeds {a.seeds} / --steps {a.steps} / --cfg-scales {a.cfg_scales}: comma-separated "
+                        "numbers, e.g. --seeds 0,1,2 --steps 250,500") from None
+    check_choices(a, recipes, points, scales)
     device = pick_device(a.device)
     dataset_path, folder = a.dataset_path or prepare_mnist(), run_folder(a.dataset_path)
     probe = recipe_config(recipes[0], seeds[0], not a.unconditional, dataset_path, folder)

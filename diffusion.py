@@ -263,7 +263,6 @@ class Diffusion:
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}")
         net = unwrap(model)
-        self.prediction_of(model)  # a model that contradicts this Diffusion fails before the first step
         device = next(net.parameters()).device
         shape = (n, getattr(net, "c_in", 3), *self.image_hw)
 

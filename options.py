@@ -89,6 +89,14 @@ def parse_args(conditional, argv=None):
     opt("--resume", action="store_true", help="continue the run named --run-name from its last save")
     opt("--overwrite", action="store_true", help="replace an existing run of the same name")
     add_machine_options(opt)
+    add_label_options(opt, conditional)
+    args = p.parse_args(argv)
+    args.conditional = conditional
+    return args
+
+
+def add_label_options(opt, conditional):
+    """ddpm_conditional.py: the labels and their dropout; ddpm.py: clusters to take as labels, and the EMA."""
     if conditional:
         opt("--num-classes", type=int, help="label embedding size, at least the dataset's class count (default: "
                                             "that count; --preset original: 10)")
@@ -104,9 +112,6 @@ def parse_args(conditional, argv=None):
                                          "autoguided by its own early EMA")
         opt("--ema", action=argparse.BooleanOptionalAction, help="also keep an EMA model (ema_ckpt.pt); "
                                                                  "on in the default preset")
-    args = p.parse_args(argv)
-    args.conditional = conditional
-    return args
 
 
 def spelled_all(settings):

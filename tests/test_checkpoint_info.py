@@ -101,7 +101,7 @@ def test_the_original_lines_on_a_default_run_give_sample_pys_images(conditional,
                                                                     monkeypatch):
     """A tiny default run of each script (v-prediction), sampled by the original README's lines with nothing
     but the image size and T given, gives sample.py's images at the same sampler and seed."""
-    train.main(conditional, ["--dataset-path", image_folder, *TINY, *([] if conditional else ["--clusters", "0"])])
+    train.main(conditional, ["--dataset-path", image_folder, *TINY])
     weights = torch.load("models/tiny/ema_ckpt.pt")
     model = (UNet_conditional(num_classes=3, base_width=8) if conditional else UNet(base_width=8))
     model.load_state_dict(weights)

@@ -56,7 +56,8 @@ def test_clusters_are_found_without_labels_and_repeat(tmp_path):
     assert cluster_count(40, 5000) == 40
 
 
-def test_a_clusters_run_trains_on_clusters_of_its_images_and_resumes_only_on_the_same(tmp_path, in_tmp, monkeypatch, capsys):
+def test_a_clusters_run_trains_on_clusters_of_its_images_and_resumes_only_on_the_same(tmp_path, in_tmp, monkeypatch,
+                                                                                       capsys):
     import train
 
     folder = dark_and_bright(str(tmp_path / "flat"))
