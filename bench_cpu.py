@@ -9,14 +9,15 @@ AdamW) in fresh processes, on an idle CPU and with two jobs sharing it; libgomp 
 when torch loads it. bf16: the default configuration's and the original's (64x64, width 64, batch 12) training
 step in fp32 and under CPU bf16 autocast, contiguous NCHW both: the input to hardware.precision's choice,
 which takes bf16 only where the CPU has native bf16 dot products (AVX512-BF16 or AMX); and the 64x64
-attention layer's forward and backward in fp32, bf16, and as modules.CPUBf16Attention runs it. Loading: an
+attention layer's forward and backward in fp32, bf16, and as modules.CPUBf16Attention runs it, and heads of 4
+and 8 channels as they are and zero-padded to 16 (modules.padded_head_attention). Loading: an
 epoch of the bundled digits as the default run loads them (in the training process, centre crop, batch 32),
 each image read from its file every epoch or kept in memory after the first (utils.SeededSamples), beside the
 training steps of that epoch. Kernels: a 3x3 convolution and a matmul, one thread, in fp32 and under bf16
 autocast: 2x faster in bf16 where the CPU has AVX512-BF16, ~100x slower where bf16 is emulated. Profile: the
 default runs' training step (ddpm_conditional.py's, then ddpm.py's) by operator, with its data loading.
-Variants: that network's step computed other ways with the same math (memory format, convolution backend,
-attention kernel, torch.compile), one thread, interleaved.
+Variants: that network's training step and a sampling evaluation computed other ways with the same math (memory
+format, padded heads, convolution backend, attention kernel, torch.compile), one thread, interleaved.
 """
 import argparse
 import os
@@ -64,6 +65,31 @@ for name, fn, dtype in (("SDPA, fp32", sdpa, torch.float32), ("SDPA, bf16", sdpa
         times.append((t1 - t0, time.perf_counter() - t1))
     fwd, bwd = sorted(times[1:])[1]
     print(f"| {name} | {1000 * fwd:.0f} ms | {1000 * bwd:.0f} ms |", flush=True)
+"""
+SMALL_HEADS = """
+import hardware, time, torch
+import torch.nn.functional as F
+import modules
+torch.set_num_threads(1)
+def plain(q, k, v):
+    return F.scaled_dot_product_attention(q, k, v)
+def ms(fn, q, k, v, g, grad):
+    best = []
+    for _ in range(5):  # the median of five
+        t0 = time.perf_counter()
+        with torch.set_grad_enabled(grad):
+            out = fn(q, k, v)
+            if grad:
+                out.backward(g)
+        best.append(time.perf_counter() - t0)
+    return 1000 * sorted(best)[2]
+for tokens in (64, 256, 1024):
+    for d in (4, 8):
+        for grad, batch in ((True, 32), (False, 128)):
+            q, k, v, g = (torch.randn(batch, 4, tokens, d, requires_grad=grad and i < 3) for i in range(4))
+            a, b = ms(plain, q, k, v, g, grad), ms(modules.padded_head_attention, q, k, v, g, grad)
+            what = f"forward and backward, batch {batch}" if grad else f"forward, batch {batch}"
+            print(f"| {tokens} | {d} | {what} | {a:.1f} ms | {b:.1f} ms ({a / b:.2f}x) |", flush=True)
 """
 LOADING = """
 import glob, os, sys, time, utils
@@ -134,41 +160,58 @@ for e in ops[:10]:
     print(f"| {e.key} | {ms:.1f} | {ms / total:.0%} | {e.count / steps:.0f} |")
 """
 VARIANTS = """
-import contextlib, sys, time, warnings, hardware, torch
+import contextlib, sys, time, warnings, hardware, modules, torch
 import torch.nn.functional as F
 warnings.filterwarnings("ignore", "TF32 acceleration on top of oneDNN")  # said by mkldnn.flags, about Intel GPUs
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from modules import UNet_conditional
 torch.set_num_threads(1)  # CPU time of one thread: what other jobs on the machine change least
 x, t, y = torch.randn(32, 1, 16, 16), torch.randint(1, 1000, (32,)), torch.randint(0, 10, (32,))
-def variant(fmt=torch.contiguous_format, context=contextlib.nullcontext, compile=False):
+xs, ts, ys = torch.randn(128, 1, 16, 16), torch.full((128,), 500), torch.randint(-1, 10, (128,))  # a CFG'd grid
+TRAIN_LAYOUT = hardware.fast_memory_format(torch.device("cpu"))
+@contextlib.contextmanager
+def unpadded():
+    saved, modules.PADDED_HEAD = modules.PADDED_HEAD, 0
+    try:
+        yield
+    finally:
+        modules.PADDED_HEAD = saved
+def variant(fmt=TRAIN_LAYOUT, context=contextlib.nullcontext, compile=False):
     torch.manual_seed(0)
     model = UNet_conditional(1, 1, num_classes=10, base_width=16).to(memory_format=fmt)
-    net, optimizer, images = torch.compile(model) if compile else model, \
-        torch.optim.AdamW(model.parameters(), fused=True), x.contiguous(memory_format=fmt)
+    net, optimizer = torch.compile(model) if compile else model, torch.optim.AdamW(model.parameters(), fused=True)
     def step():
         with context():
-            loss = F.mse_loss(net(images, t, y), x)
+            loss = F.mse_loss(net(x.contiguous(memory_format=fmt), t, y), x)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
         optimizer.step()
+    def sample():  # one network evaluation of a grid's sampling
+        with context(), torch.inference_mode():
+            model(xs, ts, ys)
     t0 = time.perf_counter()
     step()
-    return step, time.perf_counter() - t0
-variants = {"as train.py runs it (oneDNN convolutions, fused SDPA attention, NCHW)": variant(),
-            "channels_last": variant(torch.channels_last),
+    return step, (sample if not compile else None), time.perf_counter() - t0
+layouts = {torch.channels_last: "channels_last", torch.contiguous_format: "contiguous NCHW"}
+variants = {f"as train.py and sample.py run it here ({layouts[TRAIN_LAYOUT]}, oneDNN convolutions, fused SDPA "
+            "attention, small heads padded)": variant(),
+            ("contiguous NCHW" if TRAIN_LAYOUT == torch.channels_last else "channels_last"):
+                variant(torch.contiguous_format if TRAIN_LAYOUT == torch.channels_last else torch.channels_last),
+            "the 16x16 layer's heads of 4 channels not padded to 16": variant(context=unpadded),
             "convolutions without oneDNN": variant(context=lambda: torch.backends.mkldnn.flags(enabled=False)),
             "attention by SDPA's math backend (256x256 scores kept)": variant(context=lambda: sdpa_kernel(
                 SDPBackend.MATH))}
 if sys.argv[1] == "1":
     variants["torch.compile"] = variant(compile=True)
-times = {name: [] for name in variants}
+times = {name: ([], []) for name in variants}
 for _ in range(10):  # interleaved, so that a busy moment hits every variant alike
-    for name, (step, _) in variants.items():
-        t0 = time.process_time(); step(); times[name].append(time.process_time() - t0)
-for name, (_, first) in variants.items():
-    ms = 1000 * sorted(times[name])[5]
-    print(f"| {name} | {ms:.0f} ms | {first:.1f} s |", flush=True)
+    for name, (step, sample, _) in variants.items():
+        for fn, record in zip((step, sample), times[name]):
+            if fn is not None:
+                t0 = time.process_time(); fn(); record.append(time.process_time() - t0)
+for name, (_, _, first) in variants.items():
+    train, sample = (f"{1000 * sorted(r)[5]:.0f} ms" if r else "-" for r in times[name])
+    print(f"| {name} | {train} | {sample} | {first:.1f} s |", flush=True)
 """
 DEFAULT = ["16", "1", "16", "64", "0"]  # size, channels, width, batch, bf16
 ORIGINAL = ["64", "3", "64", "12"]
@@ -207,6 +250,10 @@ def attention(a):
     print("\n| attention of the 64x64 layer, batch 12 (4 heads of 16, 4,096 tokens) | forward | backward |\n"
           "|---|---|---|", flush=True)
     subprocess.run([sys.executable, "-c", ATTENTION], check=True, cwd=HERE)
+    print("\nheads of 4 or 8 channels, fp32, one thread: as they are, and zero-padded to 16 channels "
+          "(modules.padded_head_attention)\n| tokens | head channels | pass | as they are | padded |\n"
+          "|---|---|---|---|---|", flush=True)
+    subprocess.run([sys.executable, "-c", SMALL_HEADS], check=True, cwd=HERE)
 
 
 def loading(a):
@@ -226,8 +273,10 @@ def profile(a):
 
 
 def variants(a):
-    print("\nthe default network's training step (conditional, batch 32, fused AdamW), one thread, CPU time:\n"
-          "| variant (the same math) | ms a step | first step (compiling) |\n|---|---|---|", flush=True)
+    print("\nthe default network (conditional), one thread, CPU time: a training step at batch 32 (fused AdamW), and "
+          "a sampling evaluation of a CFG'd grid of 64 (batch 128)\n"
+          "| variant (the same math) | training step | sampling evaluation | first step (compiling) |\n"
+          "|---|---|---|---|", flush=True)
     subprocess.run([sys.executable, "-c", VARIANTS, str(int(a.compile))], check=True, cwd=HERE)
 
 

@@ -138,6 +138,27 @@ def test_cpu_bf16_attention_gradients_match_fp32():
         assert rel_err(a.grad, b.grad) < 2e-2
 
 
+def test_small_heads_train_padded_with_the_same_numbers(monkeypatch):
+    # width 8 at 16x16: the last attention layer has 4 heads of 2 channels over 256 pixels, a padded case
+    import modules
+
+    calls, padded = [], modules.padded_head_attention
+    monkeypatch.setattr(modules, "padded_head_attention", lambda *qkv: calls.append(qkv[0].shape) or padded(*qkv))
+    model = tiny()
+    x, t, y = inputs(n=2)
+    out_padded, g_padded = grads(model, x, t, y)
+    assert calls == [(2, 4, 256, 2)]  # only where it pays: training, 256 pixels, heads under 16 channels
+    monkeypatch.setattr(modules, "PADDED_HEAD", 0)  # every layer through F.scaled_dot_product_attention as is
+    out_plain, g_plain = grads(model, x, t, y)
+    assert len(calls) == 1
+    torch.testing.assert_close(out_padded, out_plain, rtol=1e-5, atol=1e-6)
+    assert_close_grads(g_padded, g_plain)
+    monkeypatch.setattr(modules, "PADDED_HEAD", 16)
+    with torch.no_grad():  # sampling: not padded (no gain measured)
+        model(x, t, y)
+    assert len(calls) == 1
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="no CUDA device here"))])
 def test_bf16_autocast_close_to_faithful(device):
@@ -230,10 +251,11 @@ def test_precision_and_layout_are_chosen_per_device(monkeypatch):
 
     cpu = torch.device("cpu")
     assert hardware.autocast_dtype(torch.device("mps")) is None
-    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
-    assert hardware.fast_memory_format(cpu) == torch.contiguous_format
-    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
-    assert hardware.fast_memory_format(cpu) == torch.channels_last
+    for capability, layout in (("AVX2", torch.channels_last), ("AVX512", torch.channels_last),
+                               ("DEFAULT", torch.contiguous_format), ("SVE256", torch.contiguous_format)):
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+        assert hardware.fast_memory_format(cpu) == layout, capability
+    assert hardware.fast_memory_format(torch.device("mps")) == torch.contiguous_format
 
 
 @pytest.mark.parametrize("saved, resumed", [(torch.channels_last, torch.contiguous_format),
