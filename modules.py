@@ -82,9 +82,9 @@ class CPUBf16Attention(torch.autograd.Function):
 
 
 # Training heads of 4 or 8 channels (widths below 64) over 256 pixels or more: PyTorch's fused CPU kernel runs
-# their fp32 forward and backward 1.2-1.5x faster with each head zero-padded to 16 channels, which takes the
+# their fp32 forward and backward 1.25-1.6x faster with each head zero-padded to 16 channels, which takes the
 # default run's step down by a tenth (python bench_cpu.py --only attention). Over fewer pixels, and when
-# sampling, it gains nothing.
+# sampling, it gains nothing reliable.
 PADDED_HEAD = 16
 
 
