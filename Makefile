@@ -30,7 +30,7 @@ RUN ?= $(BIN)/python
 gpu-check:
 	DDPM_TEST_COMPILE=1 $(RUN) -m pytest -q -rs tests/test_speed_paths.py tests/test_core.py
 	$(RUN) bench.py --device cuda --steps 20 --warmup 5
-	$(RUN) bench.py --device cuda --configs original --paths fast --compile --steps 20 --warmup 5
+	$(RUN) bench.py --device cuda --configs original --paths fast,train.py --compile --steps 20 --warmup 5
 	$(RUN) ddpm_conditional.py --device cuda --epochs 2 --run-name gpu_check_eager --overwrite --no-cuda-graphs
 	$(RUN) ddpm_conditional.py --device cuda --epochs 2 --run-name gpu_check_graphs --overwrite
 	$(RUN) sample.py --ckpt models/gpu_check_graphs/ --device cuda --n 4 --out results/gpu_check.png

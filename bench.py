@@ -16,6 +16,10 @@ fast:      what train.py runs: SDPA attention, batched CFG (one pass over 2n ima
            with one process on a GPU train.py also replays the step as CUDA graphs (--no-cuda-graphs to
            compare; docs/speed.md#cuda).
 fast-fp32: the same without autocast (run only where the fast path uses one).
+train.py:  train.py's own step (train.train_step on train.build_run's model, optimizer and precision): the fast
+           path's network plus the run's loss weighting, gradient clipping, EMA and learning-rate schedule, and
+           on CUDA with one process the step replayed as CUDA graphs (with --compile: the compiled network
+           instead). Sampling as the fast path.
 faithful:  fp32 eager, the original's nn.MultiheadAttention call, two CFG passes, contiguous NCHW, plain AdamW.
 """
 import hardware  # noqa: F401, I001  (first: it sets the OpenMP spin policy before torch loads OpenMP)
@@ -42,6 +46,7 @@ CONFIGS = {
     # images; the preset trains at batch 32, timed at 64 here as in every table in docs/speed.md
 }
 NUM_CLASSES = 10
+PATHS = ("fast", "fast-fp32", "train.py", "faithful")
 
 
 def sync(device):
@@ -106,14 +111,19 @@ def worker(a):
     cfg, fast = CONFIGS[a.config], a.path != "faithful"
     if a.threads:
         torch.set_num_threads(a.threads)
-    train_dtype, sample_dtype = (autocast_dtype(device, purpose=p) if a.path == "fast" else None
+    train_dtype, sample_dtype = (autocast_dtype(device, purpose=p) if a.path in ("fast", "train.py") else None
                                  for p in ("train", "sample"))
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = train_dtype is not None
     fmt = fast_memory_format(device) if a.channels_last == "auto" else (
         torch.channels_last if a.channels_last == "on" else torch.contiguous_format)
     fmt = fmt if fast else torch.contiguous_format
-    train_step, sample_step, forward = make_steps(cfg, fast, a.compile, device, (train_dtype, sample_dtype), fmt)
+    dtypes = (train_dtype, sample_dtype)
+    if a.path == "train.py":  # its own training step; sampling as train.py's grids and sample.py: eager
+        train_step, model = train_py_step(cfg, a.compile, device)
+        _, sample_step, forward = make_steps(cfg, fast, False, device, dtypes, fmt, model)
+    else:
+        train_step, sample_step, forward = make_steps(cfg, fast, a.compile, device, dtypes, fmt)
 
     base = peak_memory_gb(device)  # held before the first step (on the CPU: torch's own libraries too)
     if device.type == "cuda":
@@ -138,11 +148,11 @@ def worker(a):
                           threads=torch.get_num_threads())))
 
 
-def make_steps(cfg, fast, compile, device, dtypes, fmt):
-    """(a training step, a guided sampling step, a forward pass) of one path, as closures; dtypes: the autocast
-    dtypes (None: fp32) of training and of sampling."""
+def make_steps(cfg, fast, compile, device, dtypes, fmt, model=None):
+    """(a training step, a guided sampling step, a forward pass) of one path, as closures, on `model` or a new
+    one; dtypes: the autocast dtypes (None: fp32) of training and of sampling."""
     train_dtype, sample_dtype = dtypes
-    model = make_model(cfg).to(device, memory_format=fmt)
+    model = make_model(cfg).to(device, memory_format=fmt) if model is None else model
     set_original_attention(model, not fast)
     net = torch.compile(model) if fast and compile else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=True if fast else None)
@@ -180,6 +190,21 @@ def make_steps(cfg, fast, compile, device, dtypes, fmt):
     return train_step, sample_step, forward
 
 
+def train_py_step(cfg, compile, device):
+    """(train.py's training step on this configuration as a closure, the run's model)."""
+    import train
+    from config import RunConfig
+
+    torch.manual_seed(0)
+    c = RunConfig(conditional=True, channels=cfg["channels"], base_width=cfg["base_width"], num_classes=NUM_CLASSES,
+                  image_size=cfg["image_size"], batch_size=cfg["batch"], seed=0, data_seed=0, compile=compile)
+    run = train.build_run(c, 0, 1, device, steps_per_epoch=1000)
+    n, s = cfg["batch"], cfg["image_size"]
+    images = torch.randn(n, cfg["channels"], s, s).clamp(-1, 1)  # on the host, as the DataLoader gives them
+    labels = torch.randint(0, NUM_CLASSES, (n,))
+    return (lambda: train.train_step(run, images, labels)), run.model
+
+
 def run_worker(a, config, path):
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--config", config, "--path", path,
            "--device", a.device, "--steps", str(a.steps), "--warmup", str(a.warmup),
@@ -195,8 +220,9 @@ def main():
     p.add_argument("--steps", type=int, default=3, help="timed iterations (the median is reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed iterations first")
     p.add_argument("--configs", default="original,default", help=f"comma-separated: {', '.join(CONFIGS)}")
-    p.add_argument("--paths", default="fast,fast-fp32,faithful",
-                   help="comma-separated: fast, fast-fp32, faithful (fast-fp32 only where fast uses autocast)")
+    p.add_argument("--paths", default=",".join(PATHS),
+                   help="comma-separated: fast, fast-fp32, train.py, faithful (fast-fp32 only where fast uses "
+                        "autocast)")
     p.add_argument("--compile", action="store_true", help="torch.compile the fast path's network")
     p.add_argument("--profile", action="store_true", help="also print each path's training step by operator")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: PyTorch's default)")
@@ -208,6 +234,10 @@ def main():
     a = p.parse_args()
     if a.worker:
         return worker(a)
+    for option, given, known in (("--configs", a.configs, CONFIGS), ("--paths", a.paths, PATHS)):
+        unknown = [v for v in given.split(",") if v not in known]
+        if unknown:
+            p.error(f"{option}: unknown {', '.join(unknown)}; choose from {', '.join(known)}")
 
     device = torch.device(a.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
@@ -215,8 +245,8 @@ def main():
     peak32 = matmul_gflops(device)
     # each step's compute dtype sets its peak: the fast path's autocast dtype (training's, sampling's), else fp32
     peak_fast = matmul_gflops(device, amp_dtype) if amp_dtype is not None else peak32
-    peaks = {"fast": (peak_fast, peak_fast if sample_dtype == amp_dtype else peak32), "fast-fp32": (peak32, peak32),
-             "faithful": (peak32, peak32)}
+    fast_peaks = (peak_fast, peak_fast if sample_dtype == amp_dtype else peak32)
+    peaks = {"fast": fast_peaks, "train.py": fast_peaks, "fast-fp32": (peak32, peak32), "faithful": (peak32, peak32)}
     print(f"device: {device} ({name}), torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')} GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT')}")
     print(f"matmul peak (2048^3): fp32 {peak32:.0f} GFLOP/s" +
@@ -252,7 +282,7 @@ def print_config(a, config, paths, peaks, device):
               f"            {mem}: training {r['train_peak_gb']:.2f} GB, whole run {r['peak_gb']:.2f} GB, "
               f"at start {r['base_gb']:.2f} GB | channels_last={r['channels_last']}, {r['precision']}"
               + (f", sampling {r['sample_precision']}" if r['sample_precision'] != r['precision'] else ""))
-    for path in ("fast", "fast-fp32"):
+    for path in ("fast", "fast-fp32", "train.py"):
         if path in rows and "faithful" in rows:
             f, o = rows[path], rows["faithful"]
             print(f"  {path}/faithful: train {o['train_s'] / f['train_s']:.1f}x, "
