@@ -12,7 +12,7 @@ subprocess, because a process's peak RSS never goes down.
 fast:      what train.py runs: SDPA attention, batched CFG (one pass over 2n images), torch.inference_mode
            for sampling, fused AdamW (4x cheaper on the CPU), and the per-device choices of hardware.py:
            autocast_dtype, per path (bf16 on CUDA; on CPUs with AVX512-BF16 or AMX for training, with AMX for
-           sampling) and fast_memory_format (channels_last on CUDA and AVX-512 CPUs); TF32 on CUDA. Eager:
+           sampling) and fast_memory_format (channels_last on CUDA and x86 CPUs); TF32 on CUDA. Eager:
            with one process on a GPU train.py also replays the step as CUDA graphs (--no-cuda-graphs to
            compare; docs/speed.md#cuda).
 fast-fp32: the same without autocast (run only where the fast path uses one).
