@@ -158,6 +158,15 @@ print("|---|---|---|---|")
 for e in ops[:10]:
     ms = e.self_cpu_time_total / 1000 / steps
     print(f"| {e.key} | {ms:.1f} | {ms / total:.0%} | {e.count / steps:.0f} |")
+from torch.utils._python_dispatch import TorchDispatchMode
+class Count(TorchDispatchMode):
+    n = 0
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        Count.n += 1
+        return func(*args, **(kwargs or {}))
+with Count():
+    train.train_step(run, *next(batches))
+print(f"PyTorch operations dispatched in one step: {Count.n}")
 """
 VARIANTS = """
 import contextlib, sys, time, warnings, hardware, modules, torch
