@@ -143,6 +143,26 @@ def test_amp_flag_sets_the_networks_precision(tmp_path, capsys, monkeypatch):
     assert dtypes == {0: {torch.bfloat16}, 1: {torch.float32}}
 
 
+def test_sampling_takes_the_devices_fast_layout_with_the_same_images(tmp_path, capsys, monkeypatch):
+    ckpt = make_run(tmp_path / "run")
+    layouts, images, real_generate = [], [], sample.generate
+
+    def spy(model, *args, **kwargs):
+        layouts.append(model.inc.double_conv[3].weight.is_contiguous(memory_format=torch.channels_last))
+        result = real_generate(model, *args, **kwargs)
+        images.append(result[0])
+        return result
+
+    monkeypatch.setattr(sample, "generate", spy)
+    for capability in ("AVX2", "DEFAULT"):  # an x86 CPU: channels_last (hardware.fast_memory_format); else not
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+        code, _, _ = run(["--ckpt", str(ckpt), "--labels", "1", "--n", "2", "--steps", "3", "--seed", "0",
+                          "--out", str(tmp_path / "g.png")], capsys)
+        assert code == 0
+    assert layouts == [True, False]
+    assert (images[0].int() - images[1].int()).abs().max() <= 1  # uint8 images, the same to rounding
+
+
 @pytest.mark.parametrize("case", ["missing", "label_range", "uncond_labels", "size", "unwritable", "bad_labels",
                                   "ddpm_steps", "cfg_min_sigma", "guide_kind", "guide_scale_alone",
                                   "read_only_format", "corrector_snr"])
