@@ -105,8 +105,9 @@ def strip_prefixes(state_dict):
     return out
 
 
-def load_weights(model, state_dict, source="checkpoint"):
-    """load_state_dict(strict=True) that explains a mismatch in one line instead of a page of keys."""
+def load_weights(model, state_dict, source="checkpoint", record=None):
+    """load_state_dict(strict=True) that explains a mismatch in one line instead of a page of keys. `record`:
+    the run's own modules.UNet.trained_with, kept where the weights were saved before checkpoints said it."""
     state_dict = strip_prefixes(state_dict)
     own = model.state_dict()
     missing = [k for k in own if k not in state_dict]
@@ -129,6 +130,8 @@ def load_weights(model, state_dict, source="checkpoint"):
                            (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if ks)
         raise UserError(f"{source} does not fit the network ({detail}): {'; '.join(hints)}")
     model.load_state_dict(state_dict, strict=True)
+    if record and not model.trained_with:
+        model.trained_with = record
     return model
 
 
@@ -181,9 +184,8 @@ def load_run(run_dir, model, ema_model, optimizer):
     """Load what save_run wrote into the given objects; returns state.pt's dict."""
     for name, m in (("ckpt.pt", model), ("ema_ckpt.pt", ema_model)):
         if m is not None:
-            path, record = os.path.join(run_dir, name), m.trained_with
-            load_weights(m, with_clusters(load_checkpoint(path), path), path)
-            m.trained_with = m.trained_with or record  # saved before checkpoints said it: the run's config does
+            path = os.path.join(run_dir, name)
+            load_weights(m, with_clusters(load_checkpoint(path), path), path, record=m.trained_with)
     optimizer.load_state_dict(load_checkpoint(os.path.join(run_dir, "optim.pt")))
     return load_checkpoint(os.path.join(run_dir, "state.pt"))
 
@@ -266,9 +268,7 @@ def load_model(ckpt, device="cpu"):
     if config.clusters and "label_emb.weight" not in sd:
         raise UserError(f"--ckpt {ckpt}: a --clusters run's network, but {CLUSTER_FILE}, its clusters' embedding, "
                         "is not beside it: copy it from the run's folder")
-    model = load_weights(config.make_model(), sd, ckpt)
-    if saved is not None and not model.trained_with:  # saved before checkpoints said it: config.json does
-        model.trained_with = config.trained_with()
+    model = load_weights(config.make_model(), sd, ckpt, record=saved and saved.trained_with())
     return model.to(device).eval(), config
 
 
