@@ -1,7 +1,7 @@
 """Three CPU choices, measured: OpenMP's wait policy, bf16 autocast, and keeping the prepared images in memory.
 
     python bench_cpu.py                  # prints its markdown tables (minutes on 2 cores)
-    python bench_cpu.py --only profile   # one of them: openmp, bf16, attention, loading, kernels, profile, variants
+    python bench_cpu.py --only profile   # one table: openmp, bf16, attention, loading, kernels, profile, variants, batches
     python bench_cpu.py --only variants --compile
 
 OpenMP: the default network's training step (UNet_conditional, width 16, 16x16x1, at batch 64; fused
@@ -18,6 +18,7 @@ autocast: 2x faster in bf16 where the CPU has AVX512-BF16, ~100x slower where bf
 default runs' training step (ddpm_conditional.py's, then ddpm.py's) by operator, with its data loading.
 Variants: that network's training step and a sampling evaluation computed other ways with the same math (memory
 format, padded heads, convolution backend, attention kernel, torch.compile), one thread, interleaved.
+Batches: that step as train.py takes it at batch sizes from 1 to 64, at one thread and at all of them.
 """
 import argparse
 import os
@@ -222,6 +223,22 @@ for name, (_, _, first) in variants.items():
     train, sample = (f"{1000 * sorted(r)[5]:.0f} ms" if r else "-" for r in times[name])
     print(f"| {name} | {train} | {sample} | {first:.1f} s |", flush=True)
 """
+BATCHES = """
+import sys, time, torch, train
+from config import RunConfig
+torch.set_num_threads(int(sys.argv[1]))
+for batch in (1, 2, 8, 32, 64):  # train.py's step on the default conditional run, on fixed images
+    torch.manual_seed(0)
+    c = RunConfig(conditional=True, channels=1, num_classes=10, batch_size=batch, seed=0, data_seed=0)
+    run = train.build_run(c, 0, 1, torch.device("cpu"), steps_per_epoch=1000)
+    x, y = torch.randn(batch, 1, 16, 16).clamp(-1, 1), torch.randint(0, 10, (batch,))
+    times = []
+    for i in range(25):
+        t0 = time.perf_counter()
+        train.train_step(run, x, y)
+        times.append(time.perf_counter() - t0)
+    print(batch, sorted(times[5:])[10], flush=True)  # the median after 5 warm-up steps
+"""
 DEFAULT = ["16", "1", "16", "64", "0"]  # size, channels, width, batch, bf16
 ORIGINAL = ["64", "3", "64", "12"]
 
@@ -289,6 +306,20 @@ def variants(a):
     subprocess.run([sys.executable, "-c", VARIANTS, str(int(a.compile))], check=True, cwd=HERE)
 
 
+def batches(a):
+    import torch  # loaded by main already: the OpenMP table's processes start before it
+    threads = torch.get_num_threads()
+    print("\ntrain.py's training step of the default conditional run at other batch sizes: the one-image step is "
+          f"the fixed cost every step pays\n| batch | 1 thread: ms a step | img/s | {threads} threads: ms a step | "
+          "img/s |\n|---|---|---|---|---|", flush=True)
+    runs = [subprocess.run([sys.executable, "-c", BATCHES, str(n)], check=True, capture_output=True, text=True,
+                           cwd=HERE).stdout.split("\n") for n in (1, threads)]
+    for one, many in zip(*(r[:-1] for r in runs)):
+        (batch, t1), (_, tn) = one.split(), many.split()
+        print(f"| {batch} | {1000 * float(t1):.1f} | {int(batch) / float(t1):.0f} | {1000 * float(tn):.1f} "
+              f"| {int(batch) / float(tn):.0f} |")
+
+
 def kernels(a):
     print(f"\n| one thread (bf16 on this CPU: {a.native or 'emulated'}) | fp32 | bf16 autocast |\n|---|---|---|",
           flush=True)
@@ -297,7 +328,7 @@ def kernels(a):
 
 if __name__ == "__main__":
     sections = {"openmp": openmp, "bf16": bf16_steps, "attention": attention, "loading": loading, "kernels": kernels,
-                "profile": profile, "variants": variants}
+                "profile": profile, "variants": variants, "batches": batches}
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", choices=sections, help="print this table alone")
     p.add_argument("--compile", action="store_true", help="variants: also torch.compile (minutes of compiling)")
