@@ -1,7 +1,7 @@
 """Three CPU choices, measured: OpenMP's wait policy, bf16 autocast, and keeping the prepared images in memory.
 
     python bench_cpu.py                  # prints its markdown tables (minutes on 2 cores)
-    python bench_cpu.py --only profile   # one table: openmp, bf16, attention, loading, kernels, profile, variants, batches
+    python bench_cpu.py --only profile   # one of: openmp, bf16, attention, loading, kernels, profile, variants, batches
     python bench_cpu.py --only variants --compile
 
 OpenMP: the default network's training step (UNet_conditional, width 16, 16x16x1, at batch 64; fused
@@ -227,7 +227,7 @@ BATCHES = """
 import sys, time, torch, train
 from config import RunConfig
 torch.set_num_threads(int(sys.argv[1]))
-for batch in (1, 2, 8, 32, 64):  # train.py's step on the default conditional run, on fixed images
+for batch in (1, 8, 16, 32, 64):  # train.py's step on the default conditional run, on fixed images
     torch.manual_seed(0)
     c = RunConfig(conditional=True, channels=1, num_classes=10, batch_size=batch, seed=0, data_seed=0)
     run = train.build_run(c, 0, 1, torch.device("cpu"), steps_per_epoch=1000)
