@@ -233,7 +233,7 @@ for batch in (1, 8, 16, 32, 64):  # train.py's step on the default conditional r
     run = train.build_run(c, 0, 1, torch.device("cpu"), steps_per_epoch=1000)
     x, y = torch.randn(batch, 1, 16, 16).clamp(-1, 1), torch.randint(0, 10, (batch,))
     times = []
-    for i in range(25):
+    for _ in range(25):
         t0 = time.perf_counter()
         train.train_step(run, x, y)
         times.append(time.perf_counter() - t0)
@@ -307,7 +307,7 @@ def variants(a):
 
 
 def batches(a):
-    import torch  # loaded by main already: the OpenMP table's processes start before it
+    import torch  # main has loaded it by now; kept out of module scope for the OpenMP table's processes
     threads = torch.get_num_threads()
     print("\ntrain.py's training step of the default conditional run at other batch sizes: the one-image step is "
           f"the fixed cost every step pays\n| batch | 1 thread: ms a step | img/s | {threads} threads: ms a step | "
