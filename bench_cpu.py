@@ -224,18 +224,15 @@ for name, (_, _, first) in variants.items():
     print(f"| {name} | {train} | {sample} | {first:.1f} s |", flush=True)
 """
 BATCHES = """
-import sys, time, torch, train
-from config import RunConfig
+import sys, time, torch
+from bench import train_py_step
 torch.set_num_threads(int(sys.argv[1]))
 for batch in (1, 8, 16, 32, 64):  # train.py's step on the default conditional run, on fixed images
-    torch.manual_seed(0)
-    c = RunConfig(conditional=True, channels=1, num_classes=10, batch_size=batch, seed=0, data_seed=0)
-    run = train.build_run(c, 0, 1, torch.device("cpu"), steps_per_epoch=1000)
-    x, y = torch.randn(batch, 1, 16, 16).clamp(-1, 1), torch.randint(0, 10, (batch,))
+    step, _ = train_py_step(dict(channels=1, base_width=16, image_size=16, batch=batch), False, torch.device("cpu"))
     times = []
     for _ in range(25):
         t0 = time.perf_counter()
-        train.train_step(run, x, y)
+        step()
         times.append(time.perf_counter() - t0)
     print(batch, sorted(times[5:])[10], flush=True)  # the median after 5 warm-up steps
 """
