@@ -30,7 +30,7 @@ import train
 from checkpoints import load_checkpoint, load_config
 from config import (CLUSTERED_DEFAULTS, PRESETS, SECTIONS, check_cfg_min_sigma, check_corrector_snr, own_clip,
                     preset_config, validate)
-from hardware import autocast_dtype, pick_device
+from hardware import autocast_dtype, pick_device, precision_name
 from quality import Evaluator
 from sampling import generate, load_for_sampling, resolve_sampling, with_guide
 from utils import UserError, get_data, option_adder, prepare_mnist
@@ -65,6 +65,8 @@ RECIPES = {
     "min-snr-10": ("default", dict(min_snr_gamma=10.0)),
     "min-snr-20": ("default", dict(min_snr_gamma=20.0)),
     "batch-16": ("default", dict(batch_size=16)),
+    # the default trained and sampled in fp32 (--no-amp): against "default" where the CPU or GPU takes bf16
+    "fp32": ("default", dict(amp=False)),
     # the default before, and changes to it measured and not adopted (docs/quality.md): a higher peak rate, a
     # higher min-SNR gamma, a wider network; with uniform timesteps too, twice the steps, a higher rate, a
     # wider network, more label dropout, a lower min-SNR gamma and a slower EMA
@@ -152,22 +154,28 @@ def recipe_changes(saved, config):
             and not (k == "num_classes" and config.num_classes is None)]  # the data's count: dataset_path decides
 
 
-def train_to(config, epochs):
-    """A run of `epochs` epochs of this recipe. With a constant rate one run serves every point: it is resumed
-    (exactly) from the last; a schedule that spans the run needs a run of each length, and so does a point
-    short of a constant-rate run already trained further (never cut back)."""
+def train_to(config, epochs, precision="fp32"):
+    """A run of `epochs` epochs of this recipe, trained in `precision` (hardware.precision_name). With a constant
+    rate one run serves every point: it is resumed (exactly) from the last; a schedule that spans the run needs a
+    run of each length, and so does a point short of a constant-rate run already trained further (never cut
+    back). Nor is a run reused that trained in another precision, on another machine: `--recipes default,fp32`
+    compares exactly that."""
     state = os.path.join("models", config.run_name, "state.pt")
     if config.lr_schedule != "constant" or (os.path.isfile(state) and load_checkpoint(state)["epoch"] > epochs):
         config = dataclasses.replace(config, run_name=f"{config.run_name}_e{epochs}")
     run_dir = os.path.join("models", config.run_name)
     state = os.path.join(run_dir, "state.pt")
-    done = load_checkpoint(state)["epoch"] if os.path.isfile(state) else None
+    state = load_checkpoint(state) if os.path.isfile(state) else None
+    done = state["epoch"] if state else None
     if done is not None:
         saved = load_config(run_dir)
         changed = recipe_changes(saved, config)
+        trained_in = state.get("precision")  # None: saved before runs recorded it, taken as fp32
+        if (trained_in or "fp32") != precision:
+            changed.append(f"precision {trained_in or 'unrecorded'}, not {precision}")
         if changed:
-            raise UserError(f"{run_dir} trained with {', '.join(changed)}: not this recipe (was a default "
-                            "changed?); move it away to train this one")
+            raise UserError(f"{run_dir} trained with {', '.join(changed)}: not this recipe here (a default "
+                            "changed, or another machine trained it?); move it away to train this one")
     if done is not None and done < epochs:
         saved.epochs = epochs
         train.train(saved, resuming=True)
@@ -203,7 +211,7 @@ def score(config, ev, n, device, cfg_scale=None, cfg_min_sigma=None, sample_step
     for draw in range(seed, seed + draws):  # the model and its guide are loaded once for all draws
         images, ys = generate(model, diffusion, n if config.conditional else 10 * n, labels, s.cfg_scale, s.sampler,
                               s.steps, s.eta, seed=draw, progress=False,
-                              amp_dtype=autocast_dtype(device, purpose="sample"), cfg_min_sigma=s.cfg_min_sigma,
+                              amp_dtype=autocast_dtype(device, config.amp, "sample"), cfg_min_sigma=s.cfg_min_sigma,
                               corrector_snr=s.corrector_snr, clip=s.clip, clusters=saved.cluster_sizes)
         results.append(ev.evaluate(images, ys))
     return mean_of(results)
@@ -288,12 +296,13 @@ def bench(a, argv):
     for recipe in recipes:
         for seed in seeds:
             config = recipe_config(recipe, seed, not a.unconditional, dataset_path, folder)
+            config.device = str(device)  # trained where it is scored
             steps_per_epoch = len(get_data(config))
             secs = 0.0
             for point in points:
                 epochs = math.ceil(point / steps_per_epoch)
                 t0 = time.perf_counter()
-                run = train_to(config, epochs)
+                run = train_to(config, epochs, precision_name(autocast_dtype(device, config.amp, "train")))
                 # training alone, not the scoring before it: a constant rate resumes one run from point to point
                 took = time.perf_counter() - t0
                 secs = secs + took if config.lr_schedule == "constant" else took

@@ -1,9 +1,10 @@
 """Checkpoint files: reading and writing them safely, and rebuilding the network a checkpoint holds.
 
 A run folder models/<run>/ holds ckpt.pt, ema_ckpt.pt and optim.pt (plain state_dicts of CPU tensors, as the
-original wrote them), state.pt (the rest that resuming needs: epoch, step, EMA counter, scaler, RNG states)
-and config.json (the run's settings, config.RunConfig). A --clusters run of ddpm.py keeps ckpt.pt and
-ema_ckpt.pt in UNet's layout, as every ddpm.py run, and its clusters' label embedding in clusters.pt beside them.
+original wrote them), state.pt (the rest that resuming needs: epoch, step, EMA counter, scaler, RNG states; and
+the precision the run last trained in) and config.json (the run's settings, config.RunConfig). A --clusters run
+of ddpm.py keeps ckpt.pt and ema_ckpt.pt in UNet's layout, as every ddpm.py run, and its clusters' label
+embedding in clusters.pt beside them.
 The original's bare checkpoints, with no config beside them, are read by their tensor shapes. --overwrite
 replaces a run's files only once the new run saves.
 """

@@ -25,7 +25,7 @@ from checkpoints import (GUIDE_FILE, atomic_save, cpu_state_dict, file_version, 
 from config import cluster_count, guide_epoch
 from options import parse_args, resolve_args
 from hardware import (autocast, autocast_dtype, cuda_graphed, describe_precision, fast_memory_format,
-                      setup_distributed)
+                      precision_name, setup_distributed)
 from modules import EMA, Autoguided
 from sampling import cluster_draws
 from utils import UserError, cluster_images, get_data, make_dataset, prepare_mnist, save_images, setup_logging
@@ -188,7 +188,7 @@ def save(run, epoch, step_in_epoch):
     save_run(os.path.join("models", run.config.run_name), run.model, run.ema_model, run.optimizer,
              {"epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": run.global_step,
               "ema": run.ema.state_dict() if run.ema else None, "scaler": run.scaler.state_dict(),
-              "rng": rng_state()}, run.config)
+              "rng": rng_state(), "precision": precision_name(run.amp_dtype)}, run.config)
     for path, version in run.replaced.items():  # --overwrite: what is left of the old run (never resumed from)
         if os.path.isfile(path) and file_version(path) == version:
             os.remove(path)

@@ -32,6 +32,14 @@ def test_bench_quality_keeps_runs_on_different_datasets_apart(tmp_path, monkeypa
     changed.label_dropout = 0.3
     with pytest.raises(UserError, match="label_dropout 0.1, not 0.3"):
         bench_quality.train_to(changed, 1)
+    # nor one trained in another precision (on another machine); one saved before runs recorded it counts as fp32
+    same = bench_quality.recipe_config("default", 0, True, set_a, bench_quality.FOLDER)
+    with pytest.raises(UserError, match="precision unrecorded, not bf16 autocast"):
+        bench_quality.train_to(same, 1, "bf16 autocast")
+    torch.save({"epoch": 1, "precision": "bf16 autocast"}, run_dir / "state.pt")
+    with pytest.raises(UserError, match="precision bf16 autocast, not fp32"):
+        bench_quality.train_to(same, 1, "fp32")
+    assert bench_quality.train_to(same, 1, "bf16 autocast").run_name == f"{trained.run_name}_e1"  # reused
     assert sorted(os.listdir(run_dir)) == ["config.json", "state.pt"]
 
 
@@ -93,6 +101,39 @@ def test_bench_quality_recipes_keep_the_presets_clip_only_with_its_sampling(monk
     assert bench_quality.recipe_config("eta-0", 0, True, None).clip is None  # deterministic: the sampler's own
 
 
+def test_bench_quality_fp32_recipe_trains_and_samples_in_fp32_where_the_default_takes_bf16(monkeypatch, tmp_path):
+    """The comparison a native-bf16 machine needs (make bf16-check): --recipes default,fp32, the policy against
+    --no-amp, each run trained in its own precision and never one reused for the other."""
+    import bench_quality
+    import train
+    from conftest import fake_cpu_bf16
+
+    fake_cpu_bf16(monkeypatch, avx512_bf16=True, amx=True)
+    cpu, dtypes, trained = torch.device("cpu"), [], []
+    saved = argparse.Namespace(cluster_sizes=None)
+    monkeypatch.setattr(bench_quality, "load_for_sampling", lambda path, device: (path, "model", saved, "diffusion"))
+    monkeypatch.setattr(bench_quality, "with_guide", lambda model, *a: (model, None))
+    monkeypatch.setattr(bench_quality, "generate", lambda *a, **kw: dtypes.append(kw["amp_dtype"]) or (None, None))
+    judge = argparse.Namespace(evaluate=lambda images, labels: {})
+    for name in ("default", "fp32"):
+        config = bench_quality.recipe_config(name, 0, False, None)
+        dtypes.append(train.build_run(config, 0, 1, cpu, steps_per_epoch=2).amp_dtype)
+        bench_quality.score(config, judge, 1, cpu)
+    assert dtypes == [torch.bfloat16, torch.bfloat16, None, None]
+    # the whole bench: each run trained on the device it is scored on, in the precision it is asked for
+    monkeypatch.setattr(bench_quality, "train_to", lambda c, epochs, precision: trained.append(
+        (os.path.basename(c.run_name), c.device, precision)) or c)
+    monkeypatch.setattr(bench_quality, "score", lambda *a, **kw: {"confident": 1.0, "histogram": [1], "fd": 1.0,
+                                                                  "fd_floor": 1.0})
+    monkeypatch.setattr(bench_quality, "get_data", lambda config: [None] * 10)
+    monkeypatch.setattr(bench_quality, "prepare_mnist", lambda: "data/mnist")
+    monkeypatch.setattr(bench_quality, "Evaluator", lambda *a, **kw: argparse.Namespace(
+        heldout_acc=1.0, heldout_class_acc={0: 1.0}, heldout_confident=1.0))
+    monkeypatch.chdir(tmp_path)
+    bench_quality.main(["--unconditional", "--recipes", "default,fp32", "--steps", "10", "--device", "cpu"])
+    assert trained == [("u_default_s0", "cpu", "bf16 autocast"), ("u_fp32_s0", "cpu", "fp32")]
+
+
 def test_bench_quality_averages_draws():
     from bench_quality import mean_of
 
@@ -147,7 +188,7 @@ def test_bench_quality_reports_the_training_time_alone(tmp_path, monkeypatch, ca
 
     clock = [0.0]
 
-    def train_to(config, epochs):
+    def train_to(config, epochs, precision):
         clock[0] += 0 if epochs == 1 else 60 * epochs  # the one-epoch run is already there
         return config
 

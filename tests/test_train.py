@@ -13,6 +13,7 @@ from conftest import ROOT, fake_cpu_bf16
 from ddpm import Diffusion
 from modules import UNet, UNet_conditional
 from checkpoints import load_checkpoint, load_weights
+from hardware import autocast_dtype, precision_name
 from utils import UserError, prepare_mnist
 
 TINY = ["--image-size", "8", "--base-width", "8", "--batch-size", "4", "--sample-steps", "3",
@@ -35,6 +36,8 @@ def test_script_end_to_end(script, conditional, image_folder, tmp_path):
         assert (models / name).is_file()
     net = UNet_conditional(3, 3, num_classes=3, base_width=8) if conditional else UNet(3, 3, base_width=8)  # 3 classes
     load_weights(net, torch.load(models / "ckpt.pt"))  # a plain state_dict of CPU tensors
+    # what it trained in, as its first line says: bench_quality.py never takes a bf16 run for an fp32 one
+    assert load_checkpoint(models / "state.pt")["precision"] == precision_name(autocast_dtype(torch.device("cpu")))
     for epoch in (0, 1):  # the default interval is 10: the first epoch and the last
         assert (tmp_path / "results" / "tiny" / f"{epoch}.jpg").is_file()
         assert (tmp_path / "results" / "tiny" / f"{epoch}_ema.jpg").is_file()
