@@ -177,7 +177,7 @@ def train_to(config, epochs, precision="fp32"):
             raise UserError(f"{run_dir} trained with {', '.join(changed)}: not this recipe here (a default "
                             "changed, or another machine trained it?); move it away to train this one")
     if done is not None and done < epochs:
-        saved.epochs = epochs
+        saved.epochs, saved.device = epochs, config.device
         train.train(saved, resuming=True)
     elif done != epochs:
         config.epochs = epochs
