@@ -27,7 +27,8 @@ import sys
 
 SETTINGS = [("libgomp's default spin", {"OMP_WAIT_POLICY": "", "GOMP_SPINCOUNT": ""}),
             ("OMP_WAIT_POLICY=PASSIVE (no spin)", {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": ""}),
-            ("GOMP_SPINCOUNT=3000 (hardware.py's default)", {"OMP_WAIT_POLICY": "", "GOMP_SPINCOUNT": "3000"})]
+            ("GOMP_SPINCOUNT=3000 (hardware.py's default)", {"OMP_WAIT_POLICY": "", "GOMP_SPINCOUNT": "3000"}),
+            *((f"GOMP_SPINCOUNT={n}", {"OMP_WAIT_POLICY": "", "GOMP_SPINCOUNT": str(n)}) for n in (10000, 30000))]
 
 STEP = """
 import sys, time, torch

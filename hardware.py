@@ -6,7 +6,7 @@ import os
 
 # GNU OpenMP's waiting threads spin for a long while before they sleep: fast on an idle machine, 3.7x slower
 # per training step when another process shares the cores (a laptop, a shared node). A short spin keeps
-# most of both (default-config step, 2 cores: idle 123 -> 148 ms, shared 1125 -> 340 ms; docs/speed.md). It
+# most of both (default-config step, 2-core Xeon: idle 123 -> 148 ms, shared 1125 -> 340 ms; docs/speed.md). It
 # must be set before torch loads OpenMP, and a user's own OpenMP settings win.
 if "OMP_WAIT_POLICY" not in os.environ:
     os.environ.setdefault("GOMP_SPINCOUNT", "3000")
