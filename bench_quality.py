@@ -154,22 +154,23 @@ def recipe_changes(saved, config):
             and not (k == "num_classes" and config.num_classes is None)]  # the data's count: dataset_path decides
 
 
-def train_to(config, epochs, precision="fp32"):
-    """A run of `epochs` epochs of this recipe, trained in `precision` (hardware.precision_name). With a constant
-    rate one run serves every point: it is resumed (exactly) from the last; a schedule that spans the run needs a
-    run of each length, and so does a point short of a constant-rate run already trained further (never cut
-    back). Nor is a run reused that trained in another precision, on another machine: `--recipes default,fp32`
+def train_to(config, epochs):
+    """A run of `epochs` epochs of this recipe. With a constant rate one run serves every point: it is resumed
+    (exactly) from the last; a schedule that spans the run needs a run of each length, and so does a point
+    short of a constant-rate run already trained further (never cut back). Nor is a run reused that trained in
+    another precision than this recipe does on config.device (on another machine): `--recipes default,fp32`
     compares exactly that."""
-    state = os.path.join("models", config.run_name, "state.pt")
-    if config.lr_schedule != "constant" or (os.path.isfile(state) and load_checkpoint(state)["epoch"] > epochs):
+    longest = os.path.join("models", config.run_name, "state.pt")
+    if config.lr_schedule != "constant" or (os.path.isfile(longest) and load_checkpoint(longest)["epoch"] > epochs):
         config = dataclasses.replace(config, run_name=f"{config.run_name}_e{epochs}")
     run_dir = os.path.join("models", config.run_name)
-    state = os.path.join(run_dir, "state.pt")
-    state = load_checkpoint(state) if os.path.isfile(state) else None
+    state_path = os.path.join(run_dir, "state.pt")
+    state = load_checkpoint(state_path) if os.path.isfile(state_path) else None
     done = state["epoch"] if state else None
     if done is not None:
         saved = load_config(run_dir)
         changed = recipe_changes(saved, config)
+        precision = precision_name(autocast_dtype(pick_device(config.device), config.amp, "train"))  # as train.py
         trained_in = state.get("precision")  # None: saved before runs recorded it, taken as fp32
         if (trained_in or "fp32") != precision:
             changed.append(f"precision {trained_in or 'unrecorded'}, not {precision}")
@@ -302,7 +303,7 @@ def bench(a, argv):
             for point in points:
                 epochs = math.ceil(point / steps_per_epoch)
                 t0 = time.perf_counter()
-                run = train_to(config, epochs, precision_name(autocast_dtype(device, config.amp, "train")))
+                run = train_to(config, epochs)
                 # training alone, not the scoring before it: a constant rate resumes one run from point to point
                 took = time.perf_counter() - t0
                 secs = secs + took if config.lr_schedule == "constant" else took

@@ -6,6 +6,7 @@ import os
 import pytest
 import torch
 
+from conftest import fake_cpu_bf16
 from test_evaluate import make_folder
 from utils import UserError
 
@@ -34,12 +35,15 @@ def test_bench_quality_keeps_runs_on_different_datasets_apart(tmp_path, monkeypa
         bench_quality.train_to(changed, 1)
     # nor one trained in another precision (on another machine); one saved before runs recorded it counts as fp32
     same = bench_quality.recipe_config("default", 0, True, set_a, bench_quality.FOLDER)
+    same.device = "cpu"
+    fake_cpu_bf16(monkeypatch, avx512_bf16=True, amx=True)  # this machine would train the recipe in bf16
     with pytest.raises(UserError, match="precision unrecorded, not bf16 autocast"):
-        bench_quality.train_to(same, 1, "bf16 autocast")
+        bench_quality.train_to(same, 1)
     torch.save({"epoch": 1, "precision": "bf16 autocast"}, run_dir / "state.pt")
+    assert bench_quality.train_to(same, 1).run_name == f"{trained.run_name}_e1"  # reused
+    fake_cpu_bf16(monkeypatch, avx512_bf16=False, amx=False)
     with pytest.raises(UserError, match="precision bf16 autocast, not fp32"):
-        bench_quality.train_to(same, 1, "fp32")
-    assert bench_quality.train_to(same, 1, "bf16 autocast").run_name == f"{trained.run_name}_e1"  # reused
+        bench_quality.train_to(same, 1)
     assert sorted(os.listdir(run_dir)) == ["config.json", "state.pt"]
 
 
@@ -106,7 +110,6 @@ def test_bench_quality_fp32_recipe_trains_and_samples_in_fp32_where_the_default_
     --no-amp, each run trained in its own precision and never one reused for the other."""
     import bench_quality
     import train
-    from conftest import fake_cpu_bf16
 
     fake_cpu_bf16(monkeypatch, avx512_bf16=True, amx=True)
     cpu, dtypes, trained = torch.device("cpu"), [], []
@@ -120,9 +123,9 @@ def test_bench_quality_fp32_recipe_trains_and_samples_in_fp32_where_the_default_
         dtypes.append(train.build_run(config, 0, 1, cpu, steps_per_epoch=2).amp_dtype)
         bench_quality.score(config, judge, 1, cpu)
     assert dtypes == [torch.bfloat16, torch.bfloat16, None, None]
-    # the whole bench: each run trained on the device it is scored on, in the precision it is asked for
-    monkeypatch.setattr(bench_quality, "train_to", lambda c, epochs, precision: trained.append(
-        (os.path.basename(c.run_name), c.device, precision)) or c)
+    # the whole bench: each run trained on the device it is scored on, in its recipe's precision
+    monkeypatch.setattr(bench_quality, "train_to", lambda c, epochs: trained.append(
+        (os.path.basename(c.run_name), c.device, c.amp)) or c)
     monkeypatch.setattr(bench_quality, "score", lambda *a, **kw: {"confident": 1.0, "histogram": [1], "fd": 1.0,
                                                                   "fd_floor": 1.0})
     monkeypatch.setattr(bench_quality, "get_data", lambda config: [None] * 10)
@@ -131,7 +134,7 @@ def test_bench_quality_fp32_recipe_trains_and_samples_in_fp32_where_the_default_
         heldout_acc=1.0, heldout_class_acc={0: 1.0}, heldout_confident=1.0))
     monkeypatch.chdir(tmp_path)
     bench_quality.main(["--unconditional", "--recipes", "default,fp32", "--steps", "10", "--device", "cpu"])
-    assert trained == [("u_default_s0", "cpu", "bf16 autocast"), ("u_fp32_s0", "cpu", "fp32")]
+    assert trained == [("u_default_s0", "cpu", True), ("u_fp32_s0", "cpu", False)]
 
 
 def test_bench_quality_averages_draws():
@@ -188,7 +191,7 @@ def test_bench_quality_reports_the_training_time_alone(tmp_path, monkeypatch, ca
 
     clock = [0.0]
 
-    def train_to(config, epochs, precision):
+    def train_to(config, epochs):
         clock[0] += 0 if epochs == 1 else 60 * epochs  # the one-epoch run is already there
         return config
 
